@@ -1,0 +1,211 @@
+"""Hermetic fixtures: a Vicuna-style SentencePiece tokenizer trained in-process, a CLIP image processor, tiny
+Llama/CLIP configs, PIL images and a LLaVA-format JSON. Nothing is downloaded (HF offline mode is forced)."""
+
+import io
+import json
+import os
+import random
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["square", "circle", "triangle"]
+WORDS = (
+    "the a an image picture photo shows describe what is colour color of this shape there on background "
+    "please answer question short long small large one two three yes no it in with and".split()
+)
+
+
+def _corpus(n: int = 4000) -> list[str]:
+    """Text shaped like LLaVA data (v1 prompts, captions, questions) so the BPE merges resemble Vicuna's. No newlines
+    and no <image>: as in Vicuna, "\n" and "<" then reach the model through byte fallback."""
+    r = random.Random(0)
+    out = []
+    for _ in range(n):
+        q = " ".join(r.choice(WORDS + COLOURS + SHAPES) for _ in range(r.randint(3, 12))) + r.choice("?.!")
+        a = " ".join(r.choice(WORDS + COLOURS + SHAPES) for _ in range(r.randint(1, 10))) + "."
+        kind = r.random()
+        if kind < 0.15:
+            out.append(f"{SYSTEM} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>")
+        elif kind < 0.7:
+            out.append(f"A {r.choice(COLOURS)} {r.choice(SHAPES)} on a {r.choice(COLOURS)} background.")
+        else:
+            out.append(q + " " + a)
+    return out
+
+
+def build_tokenizer_dir(path: str, vocab_size: int = 512) -> str:
+    """Write a Vicuna-v1.5-like tokenizer folder: tokenizer.model only (no tokenizer.json), legacy=false,
+    <unk>=0, <s>=1, </s>=2, byte fallback, LLaMA's identity normalisation with the dummy '▁' prefix."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "model_max_length": 2048,
+        "padding_side": "right",
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return path
+
+
+def build_image_processor(size: int = 28):
+    """The real transformers CLIP processor (PIL backend, as llava-reference.md 2.7 recommends), at a tiny size."""
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def tiny_llama_config(vocab_size: int = 512, **kw):
+    from transformers import LlamaConfig
+
+    args = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    args.update(kw)
+    return LlamaConfig(**args)
+
+
+def tiny_clip_config(**kw):
+    from transformers import CLIPVisionConfig
+
+    args = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,  # 2x2 = 4 patches + CLS
+        projection_dim=16,
+    )
+    args.update(kw)
+    return CLIPVisionConfig(**args)
+
+
+def draw_shape(colour: str, shape: str, size: tuple[int, int] = (40, 30), bg: str = "white") -> Image.Image:
+    """A coloured shape on a background; non-square by default so expand2square has work to do."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", size, bg)
+    d = ImageDraw.Draw(img)
+    w, h = size
+    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "triangle":
+        d.polygon([(w // 2, h // 4), (w // 4, 3 * h // 4), (3 * w // 4, 3 * h // 4)], fill=colour)
+    else:
+        d.rectangle(box, fill=colour)
+    return img
+
+
+def write_llava_dataset(root: str, n_image: int = 6, n_text: int = 2) -> tuple[str, str]:
+    """Write images and a LLaVA-format JSON list (image and text-only samples). Returns (json_path, image_folder)."""
+    r = random.Random(1)
+    image_folder = os.path.join(root, "images")
+    os.makedirs(image_folder, exist_ok=True)
+    records = []
+    for i in range(n_image):
+        colour, shape = COLOURS[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        name = f"img_{i}.png"
+        draw_shape(colour, shape, size=(40 + 4 * i, 30)).save(os.path.join(image_folder, name))
+        convs = [
+            {"from": "human", "value": "<image>\nWhat is the colour of the shape?"},
+            {"from": "gpt", "value": f"The shape is {colour}."},
+        ]
+        if i % 2:
+            convs += [{"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": f"A {shape}."}]
+        records.append({"id": f"img-{i}", "image": name, "conversations": convs})
+    for i in range(n_text):
+        q = " ".join(r.choice(WORDS) for _ in range(5))
+        records.append(
+            {
+                "id": f"text-{i}",
+                "conversations": [{"from": "human", "value": q + "?"}, {"from": "gpt", "value": "Yes, it is."}],
+            }
+        )
+    path = os.path.join(root, "data.json")
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    return path, image_folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return build_tokenizer_dir(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    """Loaded exactly as a user loads Vicuna's folder (train.py uses the same call)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, model_max_length=2048, padding_side="right")
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    return build_image_processor()
+
+
+@pytest.fixture
+def llava_data(tmp_path):
+    """(json_path, image_folder) of a small LLaVA-format dataset with 6 image and 2 text-only samples."""
+    return write_llava_dataset(str(tmp_path / "data"))
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0

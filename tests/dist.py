@@ -1,0 +1,31 @@
+"""Run a function on N gloo ranks in fresh processes (torch.multiprocessing.spawn + file:// rendezvous).
+
+Workers return results by writing files under tmp_path (torch.save); passing tensors back through an mp Queue fails
+once the producing process exits (house-style.md 5.6)."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size)
+    )
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], tmp_path, *args: Any, world_size: int = 2) -> None:
+    """Call fn(rank, world_size, *args) on `world_size` gloo ranks; raises if any rank fails."""
+    init_file = os.path.join(str(tmp_path), f"dist_init_{os.getpid()}_{id(fn)}")
+    mp.spawn(_worker, args=(world_size, init_file, fn, args), nprocs=world_size, join=True)
