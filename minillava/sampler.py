@@ -5,8 +5,6 @@ one explicit torch.Generator; shard_for_rank reproduces how accelerate 0.21 deal
 DistributedModalityLengthSampler is the thin, resumable batch sampler the training loop hands to its DataLoader.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Iterator, Sequence
 
@@ -55,16 +53,15 @@ def _check_no_zero(lengths: Sequence[int]) -> None:
 def get_modality_length_grouped_indices(
     lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator
 ) -> list[int]:
-    """Group image (length > 0) and text-only (length < 0) samples into single-modality megabatches (L60-85, 6.3).
+    """Group image (length > 0) and text-only (< 0) samples into single-modality megabatches (L60-85, 6.3).
 
-    Draws three permutations from `generator`, in LLaVA's order: image group, text group, megabatch shuffle (LLaVA took
-    the first two from the global RNG). The last megabatch of each group is merged, sorted by index, and appended.
-    """
+    All three permutations come from `generator`, in LLaVA's order: image group, text group, megabatch shuffle."""
     _check_no_zero(lengths)
     image_ids = [i for i, n in enumerate(lengths) if n > 0]
     text_ids = [i for i, n in enumerate(lengths) if n < 0]
     if not image_ids or not text_ids:
-        # Single-modality data: plain length grouping on the raw lengths (LLaVA's fix for issues #609/#715).
+        # Single modality: length grouping on the raw lengths (LLaVA's fix for #609/#715). All-text lengths are
+        # negative, so the sort is shortest first and the greedy fills chunk after chunk unbalanced; kept for parity.
         return get_length_grouped_indices(lengths, batch_size, world_size, generator)
     megabatch_size = world_size * batch_size
     groups: list[list[list[int]]] = []
@@ -72,7 +69,7 @@ def get_modality_length_grouped_indices(
         local = get_length_grouped_indices([abs(lengths[i]) for i in ids], batch_size, world_size, generator)
         order = [ids[j] for j in local]
         groups.append([order[s : s + megabatch_size] for s in range(0, len(order), megabatch_size)])
-    full = groups[0][:-1] + groups[1][:-1]
+    full = groups[0][:-1] + groups[1][:-1]  # LLaVA drew the two group orders from the global RNG, we from generator
     shuffled = [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]]
     # Up to two steps' worth of leftovers, mixed modality, neither length-sorted nor balanced (as in LLaVA).
     return shuffled + sorted(groups[0][-1] + groups[1][-1])
@@ -80,18 +77,14 @@ def get_modality_length_grouped_indices(
 
 def pad_by_wrapping(indices: Sequence[int], multiple: int) -> list[int]:
     """Extend indices to a multiple of `multiple` by cycling from the start, like accelerate's even_batches (2.6)."""
-    if not indices:
-        return []
-    return list(indices) + [indices[i % len(indices)] for i in range(-len(indices) % multiple)]
+    n = len(indices)
+    return list(indices) + [indices[i % n] for i in range(-n % multiple)]
 
 
 def shard_for_rank(indices: Sequence[int], rank: int, world_size: int, batch_size: int) -> list[list[int]]:
-    """This rank's micro-batches: consecutive batches of batch_size dealt round-robin to ranks (accelerate 0.21).
+    """This rank's micro-batches: batch j of the wrap-padded order goes to rank j % world_size (accelerate 0.21).
 
-    Batch j goes to rank j % world_size at micro-step j // world_size, so chunk j of a LLaVA megabatch lands on the
-    rank LLaVA's launcher gave it. The order is first wrap-padded to whole rounds (accelerate's even_batches=True),
-    which keeps every batch full and every rank's count equal.
-    """
+    So chunk j of a LLaVA megabatch runs on rank j % world at micro-step j // world, as under LLaVA's launcher."""
     padded = pad_by_wrapping(indices, world_size * batch_size)
     batches = [padded[s : s + batch_size] for s in range(0, len(padded), batch_size)]
     return batches[rank::world_size]
@@ -108,16 +101,14 @@ def _longest_megabatch_first(order: list[int], lengths: Sequence[int], megabatch
 class DistributedModalityLengthSampler:
     """Batch sampler of this rank's micro-batches (list[int]); a megabatch of world*GA*batch is one optimizer step.
 
-    Epoch e's order comes from a torch.Generator seeded with seed + e: identical on every rank, no global RNG.
-    group_by_modality=True is LLaVA's --group_by_modality_length (it passes world_size*GA as world size, L135-148);
-    False is stage 1's plain random permutation (HF RandomSampler). Uneven data: the order is wrap-padded from its start
-    to whole megabatches, so all ranks get equally many full micro-batches and every step has GA of them (for GA=1
-    exactly accelerate's even_batches; LLaVA ran a short last step otherwise). longest_first (off by default, not
-    LLaVA) swaps the megabatch holding the longest |length| to step 0.
-
-    Resume: state_dict() = epoch and position (micro-batches handed out). set_epoch(e) resets position only for a new
-    e, so load_state_dict(); set_epoch(saved_epoch) resumes mid-epoch. DataLoader workers draw ahead of the loop, so
-    then checkpoint the loop's count: {"epoch": step // steps_per_epoch, "position": step % steps_per_epoch * GA}.
+    Epoch e's order uses a torch.Generator seeded with seed + e (same on every rank, no global RNG). group_by_modality
+    is LLaVA's --group_by_modality_length (world_size*GA as its world size, L135-148); False is stage 1's plain random
+    permutation (HF RandomSampler). The order is wrap-padded from its start to whole megabatches: every rank gets as
+    many full micro-batches and every step GA of them (GA=1: accelerate's even_batches; LLaVA ran a short last step).
+    longest_first (off by default, not LLaVA) swaps the megabatch holding the longest |length| to step 0.
+    Resume: state_dict() is epoch and position (micro-batches handed out); set_epoch(e) resets position only for a new
+    e. DataLoader workers draw ahead, so checkpoint the loop's own count: epoch = step // steps_per_epoch, position =
+    step % steps_per_epoch * GA.
     """
 
     def __init__(
@@ -142,8 +133,7 @@ class DistributedModalityLengthSampler:
         self.batch_size, self.world_size, self.rank, self.grad_accum = batch_size, world_size, rank, grad_accum
         self.seed, self.group_by_modality, self.longest_first = seed, group_by_modality, longest_first
         self.megabatch_size = world_size * grad_accum * batch_size
-        self.epoch = 0
-        self.position = 0
+        self.epoch, self.position = 0, 0
 
     @property
     def steps_per_epoch(self) -> int:

@@ -249,6 +249,10 @@ def test_determinism_epochs_and_seeds():
     c.set_epoch(1)
     d = DistributedModalityLengthSampler(lengths, 2, 2, 1, grad_accum=2, seed=1)
     assert len({str(epoch1), str(list(c)), str(list(d))}) == 3  # epoch and seed both change the order
+    for epoch in range(4):  # every epoch is a fresh permutation (150 samples, megabatch 8: 2 padded slots)
+        a.set_epoch(epoch)
+        order = a.global_order()
+        assert sorted(order[:150]) == list(range(150)) and order[150:] == order[:2]
 
 
 def test_sampler_matches_llava_order_and_ignores_global_rng():
