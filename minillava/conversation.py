@@ -1,0 +1,200 @@
+"""LLaVA-1.5 conversation templates, chunked image tokenization and label masking (llava/conversation.py,
+llava/mm_utils.py, llava/train/train.py preprocess_*; llava-reference.md sections 2.3, 3, 4).
+Pure: strings and int lists in, int lists out; no torch, no I/O."""
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from minillava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+class Tokenizer(Protocol):
+    """The slice of a HF tokenizer this module uses."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Template:
+    """A LLaVA conversation template; style "two" is SeparatorStyle.TWO, "plain" is SeparatorStyle.PLAIN."""
+
+    system: str
+    roles: tuple[str, str]
+    sep: str
+    sep2: str | None
+    style: str
+
+
+_SYSTEM = (  # conv_vicuna_v1 says "user", conv_llava_v1 says "human"
+    "A chat between a curious {0} and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the {0}'s questions."
+)
+_V1 = Template(_SYSTEM.format("user"), ("USER", "ASSISTANT"), " ", "</s>", "two")  # conversation.py L242
+_PLAIN = Template("", ("", ""), "\n", None, "plain")  # conv_llava_plain, conversation.py L291
+TEMPLATES: dict[str, Template] = {
+    "plain": _PLAIN,
+    "v0_plain": _PLAIN,
+    "v1": _V1,
+    "vicuna_v1": _V1,
+    "llava_v1": Template(_SYSTEM.format("human"), ("USER", "ASSISTANT"), " ", "</s>", "two"),  # L325
+}
+KNOWN_VERSIONS: tuple[str, ...] = tuple(TEMPLATES)
+_ROLES = ("human", "gpt")
+
+
+def get_template(version: str) -> Template:
+    """The template for a --version key; unlike LLaVA (which falls back to vicuna_v1) unknown keys are an error."""
+    if version not in TEMPLATES:
+        raise ValueError(f"--version {version!r} is not supported; known versions: {', '.join(KNOWN_VERSIONS)}")
+    return TEMPLATES[version]
+
+
+class TokenizationMismatch(ValueError):
+    """Token boundaries of the prompt's pieces do not line up with its full tokenization; carries the full ids."""
+
+    def __init__(self, message: str, input_ids: list[int]) -> None:
+        super().__init__(message)
+        self.input_ids = input_ids
+
+
+def tokenizer_image_token(prompt: str, tokenizer: Tokenizer) -> list[int]:
+    """Tokenize each "<image>"-separated chunk on its own, keep one leading BOS, put -200 between chunks.
+
+    mm_utils.py L185-204: every chunk gets SentencePiece's word prefix, so tokenizing in one piece gives other ids."""
+    chunks = [list(tokenizer(chunk).input_ids) for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    bos = tokenizer.bos_token_id
+    has_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
+    ids = [bos] if has_bos else []
+    for k, chunk in enumerate(chunks):
+        if k:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(chunk[1:] if has_bos and chunk[:1] == [bos] else chunk)
+    return ids
+
+
+def preprocess_multimodal(conversations: list[dict]) -> list[dict]:
+    """Move "<image>" to the front of every turn that has one ("<image>\\n" + rest), train.py L308-329; no mutation."""
+    out = []
+    for turn in conversations:
+        value = turn["value"]
+        if DEFAULT_IMAGE_TOKEN in value:
+            value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
+        out.append({**turn, "value": value})
+    return out
+
+
+def check_conversations(conversations: Any, version: str, has_image: bool) -> list[dict]:
+    """Validate one record's turns and return them, minus a leading gpt turn (train.py L423 drops it).
+
+    Raises ValueError for anything LLaVA would assert on, crash on, or silently train wrong."""
+    template = get_template(version)
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("'conversations' must be a non-empty list of turns")
+    for j, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {j} must be {{'from': 'human'|'gpt', 'value': str}}, got {str(turn)[:80]!r}")
+        if not turn["value"]:  # Conversation.get_prompt renders it as a bare "ROLE:" with no separator
+            raise ValueError(f"turn {j} ({turn['from']}) has an empty value")
+    turns = conversations[1:] if conversations[0]["from"] == "gpt" and template.style == "two" else conversations
+    for j, turn in enumerate(turns):
+        if turn["from"] != _ROLES[j % 2]:
+            raise ValueError(f"turns must alternate human/gpt starting with human; turn {j} is {turn['from']!r}")
+    if not turns or turns[-1]["from"] != "gpt":  # LLaVA masks the whole sample for an unanswered last turn
+        raise ValueError("the conversation must end with a gpt turn")
+    n_images = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in turns)
+    plain_ok = len(turns) == 2 and DEFAULT_IMAGE_TOKEN in turns[0]["value"]  # train.py L593-594 asserts
+    if template.style == "plain" and not plain_ok:
+        raise ValueError("the plain template needs exactly one human turn with <image> and one gpt caption")
+    if has_image and n_images != 1:
+        # 0: the model would consume the image without placing it (LLaVA trains text-only, silently);
+        # >1: the model would splice other samples' images. LLaVA-1.5 data has exactly one.
+        raise ValueError(f"a sample with an 'image' needs exactly one {DEFAULT_IMAGE_TOKEN} token, found {n_images}")
+    if not has_image and n_images:
+        raise ValueError(f"{n_images} {DEFAULT_IMAGE_TOKEN} token(s) but the sample has no 'image' key")
+    return turns
+
+
+def _render(template: Template, turns: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The training prompt and the character spans of its supervised parts."""
+    if template.style == "plain":
+        # preprocess_plain (L588-607): the instruction is dropped; "<image>" + caption + "\n", caption supervised.
+        text = DEFAULT_IMAGE_TOKEN + turns[1]["value"] + template.sep
+        return text, [(len(DEFAULT_IMAGE_TOKEN), len(text))]
+    # Conversation.get_prompt, SeparatorStyle.TWO: sys + " " + per turn role + ": " + msg + (" " | "</s>").
+    # The supervised span starts at the space after "ASSISTANT:" (so the answer's first token is e.g. '▁The')
+    # and ends after the closing "</s>" (llava-reference.md 4.2, intended result).
+    text, spans = template.system + template.sep, []
+    for j, turn in enumerate(turns):
+        text += template.roles[j % 2] + ":"
+        start = len(text)
+        text += " " + turn["value"] + (template.sep2 if j % 2 else template.sep)
+        if j % 2:
+            spans.append((start, len(text)))
+    return text, spans
+
+
+def _labels(
+    text: str, spans: list[tuple[int, int]], tok: Tokenizer, restart: str | None
+) -> tuple[list[int], list[int]]:
+    """Labels from token boundaries, not LLaVA's length arithmetic (train.py L456-490).
+
+    A span boundary's token index is the length of the tokenized prefix before it, which must be a prefix of the full
+    ids (checked: never a silent shift). Spans end with `restart`, a special token ("</s>") where tokenization starts
+    afresh, so later prefixes start at the previous span's end, led by `restart` for context (non-legacy Llama:
+    "USER", not '▁USER', after </s>). That keeps the cost linear in the number of turns."""
+    ids = tokenizer_image_token(text, tok)
+    lead = len(tokenizer_image_token(restart, tok)) if restart else 0
+    anchor_char = anchor_tok = 0  # where the previous span ended, in characters and in tokens
+
+    def boundary(pos: int) -> int:
+        if pos == len(text):
+            return len(ids)
+        if anchor_char == 0:
+            piece = tokenizer_image_token(text[:pos], tok)
+        else:
+            piece = tokenizer_image_token(restart + text[anchor_char:pos], tok)[lead:]
+        if ids[anchor_tok : anchor_tok + len(piece)] != piece:
+            msg = f"tokenization mismatch: the prompt up to {text[max(0, pos - 40) : pos]!r} is not a token prefix"
+            raise TokenizationMismatch(msg + " of the full prompt, so labels cannot be placed", ids)
+        return anchor_tok + len(piece)
+
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        a, b = boundary(start), boundary(end)
+        labels[a:b] = [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else t for t in ids[a:b]]
+        if restart:
+            anchor_char, anchor_tok = end, b
+    return ids, labels
+
+
+def preprocess(
+    conversations: list[dict], tokenizer: Tokenizer, version: str, has_image: bool
+) -> tuple[list[int], list[int]]:
+    """Validate, render and tokenize one record's turns -> (input_ids, labels), untruncated (as LLaVA's image path).
+
+    plain: [BOS, -200, caption..., "\\n"] with BOS and image masked, no EOS. v1: only the assistant answers, each with
+    its closing </s>, are supervised. Raises ValueError (TokenizationMismatch if pieces do not line up)."""
+    template = get_template(version)
+    turns = check_conversations(conversations, version, has_image)
+    if has_image:
+        turns = preprocess_multimodal(turns)
+    text, spans = _render(template, turns)
+    return _labels(text, spans, tokenizer, template.sep2)
+
+
+def build_inference_prompt(question: str, version: str, has_image: bool) -> str:
+    """The prompt a trained model sees at inference (LLaVA's eval: "<image>\\n" + question, open ASSISTANT turn).
+
+    plain returns "<image>" alone: stage 1 trains on "<image>" + caption, discarding the instruction."""
+    template = get_template(version)
+    if template.style == "plain":
+        if not has_image:
+            raise ValueError("the plain template only captions images: has_image must be True")
+        return DEFAULT_IMAGE_TOKEN
+    user = DEFAULT_IMAGE_TOKEN + "\n" + question if has_image else question
+    return f"{template.system}{template.sep}{template.roles[0]}: {user}{template.sep}{template.roles[1]}:"

@@ -1,0 +1,363 @@
+"""Templates, chunked image tokenization and label masking (minillava/conversation.py) against LLaVA-1.5:
+golden ids/labels on the fixture tokenizer, and parity with a transcription of LLaVA's own preprocess_v1 arithmetic."""
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+from conftest import COLOURS, SHAPES, SYSTEM, WORDS
+
+from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from minillava.conversation import (
+    KNOWN_VERSIONS,
+    TokenizationMismatch,
+    _render,
+    build_inference_prompt,
+    check_conversations,
+    get_template,
+    preprocess,
+    preprocess_multimodal,
+    tokenizer_image_token,
+)
+
+
+def H(v):
+    return {"from": "human", "value": v}
+
+
+def G(v):
+    return {"from": "gpt", "value": v}
+
+
+def supervised_runs(labels):
+    """[(start, end)] of the maximal runs of supervised positions."""
+    runs, start = [], None
+    for i, lab in enumerate([*labels, IGNORE_INDEX]):
+        if lab != IGNORE_INDEX and start is None:
+            start = i
+        elif lab == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def masked(ids, runs):
+    """The labels that supervise exactly `runs` of `ids`."""
+    keep = {i for a, b in runs for i in range(a, b)}
+    return [t if i in keep else IGNORE_INDEX for i, t in enumerate(ids)]
+
+
+class CharTokenizer:
+    """nanochat-style fake satisfying the Tokenizer protocol: one id per character, "</s>" special, BOS=1.
+    With merge_colon=True it fuses ": " into one token, so a prefix ending in ":" no longer lines up."""
+
+    bos_token_id, eos_token_id, pad_token_id, unk_token_id = 1, 2, 0, 0
+
+    def __init__(self, merge_colon=False):
+        self.merge_colon = merge_colon
+
+    def __call__(self, text, add_special_tokens=True):
+        ids, i = ([1] if add_special_tokens else []), 0
+        while i < len(text):
+            if text.startswith("</s>", i):
+                ids, i = [*ids, 2], i + 4
+            elif self.merge_colon and text.startswith(": ", i):
+                ids, i = [*ids, 3], i + 2
+            else:
+                ids, i = [*ids, ord(text[i]) + 10], i + 1
+        return SimpleNamespace(input_ids=ids)
+
+
+# ---------------------------------------------------------------- templates
+
+
+def test_known_versions_and_unknown_version_error():
+    assert {"plain", "v1", "vicuna_v1", "llava_v1"} <= set(KNOWN_VERSIONS)
+    assert get_template("v1") is get_template("vicuna_v1")
+    with pytest.raises(ValueError, match=r"'v2'.*plain.*v1.*vicuna_v1"):
+        get_template("v2")
+    with pytest.raises(ValueError, match="known versions"):
+        preprocess([H("hi"), G("yo")], CharTokenizer(), "llama_2", False)
+
+
+def test_v1_render_matches_llava_get_prompt():
+    # llava-reference.md 3: "<SYS> USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
+    turns = [H("<image>\nQ1?"), G("A1."), H("Q2?"), G("A2.")]
+    text, spans = _render(get_template("v1"), turns)
+    assert text == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
+    assert [text[a:b] for a, b in spans] == [" A1.</s>", " A2.</s>"]
+    llava = _render(get_template("llava_v1"), turns)[0]
+    assert llava.startswith("A chat between a curious human and") and "the human's questions. USER:" in llava
+
+
+def test_plain_render_drops_instruction():
+    text, spans = _render(get_template("plain"), [H("<image>\nDescribe it."), G("A red circle.")])
+    assert text == "<image>A red circle.\n"
+    assert [text[a:b] for a, b in spans] == ["A red circle.\n"]
+
+
+def test_build_inference_prompt():
+    assert build_inference_prompt("What is it?", "v1", True) == SYSTEM + " USER: <image>\nWhat is it? ASSISTANT:"
+    assert build_inference_prompt("Hi", "vicuna_v1", False) == SYSTEM + " USER: Hi ASSISTANT:"
+    assert build_inference_prompt("ignored", "plain", True) == "<image>"
+    with pytest.raises(ValueError, match="plain"):
+        build_inference_prompt("Hi", "plain", False)
+
+
+# ---------------------------------------------------------------- tokenizer_image_token
+
+
+def test_tokenizer_image_token_golden(tokenizer):
+    ids = tokenizer_image_token("USER: <image>\nWhat", tokenizer)
+    assert ids == [1, 451, 498, 474, IMAGE_TOKEN_INDEX, 474, 13, 90, 435]
+    # Each chunk got its own word-prefix '▁' (474) and no BOS of its own; tokenizing in one piece differs.
+    assert tokenizer.convert_ids_to_tokens(ids[5:7]) == ["▁", "<0x0A>"]
+    assert tokenizer_image_token("<image>", tokenizer) == [1, IMAGE_TOKEN_INDEX]
+    assert tokenizer_image_token("a<image>b<image>c", tokenizer).count(IMAGE_TOKEN_INDEX) == 2
+    assert tokenizer_image_token("a<image>b<image>c", tokenizer).count(1) == 1
+    assert tokenizer_image_token("The shape is red.", tokenizer) == tokenizer("The shape is red.").input_ids
+
+
+def test_preprocess_multimodal_moves_image_to_front():
+    turns = [H("What is this?\n<image>"), G("A cat."), H("  <image> and?  ")]
+    out = preprocess_multimodal(turns)
+    assert [t["value"] for t in out] == ["<image>\nWhat is this?", "A cat.", "<image>\nand?"]
+    assert turns[0]["value"] == "What is this?\n<image>"  # records are not mutated
+    assert preprocess_multimodal([H("<image>")])[0]["value"] == "<image>"  # the trailing "\n" is stripped again
+    assert preprocess_multimodal(out) == out  # idempotent
+
+
+# ---------------------------------------------------------------- golden ids + labels on the fixture tokenizer
+
+# "<s> A chat between ... the user's questions." then "▁USER" ":" (30 + 2 tokens), shared by every v1 prompt.
+SYS_IDS = [1, 271, 454, 461, 259, 462, 364, 303, 289, 467, 468, 368, 490, 446, 368, 458, 463, 502, 465, 502, 303]
+SYS_IDS += [459, 460, 442, 294, 364, 510, 480, 466, 490, 451, 498]
+
+
+def test_golden_plain(tokenizer):
+    ids, labels = preprocess(
+        [H("Render a clear and concise summary of the photo.\n<image>"), G("A red circle on a white background.")],
+        tokenizer,
+        "plain",
+        True,
+    )
+    # BOS, image, "▁A ▁red ▁circle ▁on ▁a ▁white ▁background . \n"; the instruction is gone.
+    assert ids == [1, IMAGE_TOKEN_INDEX, 271, 323, 315, 274, 259, 346, 283, 490, 13]
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, *ids[2:]]  # caption + "\n" supervised, no EOS appended
+    assert tokenizer.decode(ids[2:]) == "A red circle on a white background.\n"
+
+
+def test_golden_v1_single_turn_image(tokenizer):
+    ids, labels = preprocess(
+        [H("<image>\nWhat is the colour of the shape?"), G("The shape is red.")], tokenizer, "v1", True
+    )
+    # "▁" <image> "▁ \n What ▁is ▁the ▁colour ▁of ▁the ▁shape ?" "▁ASSISTANT :" | "▁The ▁shape ▁is ▁red . </s>"
+    q = [474, IMAGE_TOKEN_INDEX, 474, 13, 90, 435, 404, 294, 387, 383, 294, 381, 509, 367, 498]
+    answer = [446, 381, 404, 323, 490, 2]
+    assert ids == SYS_IDS + q + answer
+    assert labels == masked(ids, [(47, 53)])
+    assert tokenizer.convert_ids_to_tokens(ids[47]) == "▁The"  # the answer's first token carries the space
+    assert tokenizer.decode(ids[47:53]) == "The shape is red.</s>"
+
+
+def test_golden_v1_multi_turn_image_not_first(tokenizer):
+    turns = [H("What shape is it?\n<image>"), G("A circle."), H("What colour?"), G("It is blue.")]
+    ids, labels = preprocess(turns, tokenizer, "v1", True)
+    q1 = [474, IMAGE_TOKEN_INDEX, 474, 13, 90, 435, 381, 404, 406, 509, 367, 498]  # <image> moved to the front
+    a1 = [271, 315, 490, 2]  # "▁A ▁circle . </s>"
+    q2 = [361, 498, 474, 90, 435, 387, 509, 367, 498]  # "USER" without '▁' after </s> (legacy=False)
+    a2 = [474, 504, 481, 404, 340, 490, 2]  # "▁ I t ▁is ▁blue . </s>": no '▁It' piece, the '▁' is the answer's
+    assert ids == SYS_IDS + q1 + a1 + q2 + a2
+    assert supervised_runs(labels) == [(44, 48), (57, 64)]
+    assert labels == masked(ids, [(44, 48), (57, 64)])
+    assert [tokenizer.decode(ids[a:b]) for a, b in supervised_runs(labels)] == ["A circle.</s>", "It is blue.</s>"]
+    assert tokenizer.convert_ids_to_tokens(ids[48]) == "USER"
+
+
+def test_golden_v1_text_only_multi_turn(tokenizer):
+    turns = [H("Is the sky blue?"), G("Yes, it is."), H("And the grass?"), G("Green.")]
+    ids, labels = preprocess(turns, tokenizer, "v1", False)
+    q1 = [474, 504, 480, 294, 266, 495, 499, 340, 509, 367, 498]
+    a1 = [474, 92, 277, 502, 406, 404, 490, 2]
+    q2 = [361, 498, 271, 265, 294, 474, 279, 476, 354, 509, 367, 498]
+    a2 = [474, 74, 344, 490, 2]
+    assert ids == SYS_IDS + q1 + a1 + q2 + a2
+    assert IMAGE_TOKEN_INDEX not in ids
+    assert labels == masked(ids, [(43, 51), (63, 68)])
+    assert [tokenizer.decode(ids[a:b]) for a, b in supervised_runs(labels)] == ["Yes, it is.</s>", "Green.</s>"]
+
+
+def test_v1_leading_gpt_turn_dropped_and_llava_v1(tokenizer):
+    turns = [H("Is the sky blue?"), G("Yes, it is.")]
+    assert preprocess([G("Hello!"), *turns], tokenizer, "v1", False) == preprocess(turns, tokenizer, "v1", False)
+    ids, labels = preprocess(turns, tokenizer, "llava_v1", False)
+    assert "curious human" in tokenizer.decode(ids) and tokenizer.decode([t for t in labels if t >= 0]) == (
+        "Yes, it is.</s>"
+    )
+
+
+def test_image_in_answer_is_never_a_label(tokenizer):
+    ids, labels = preprocess([H("Draw it."), G("Here: <image>")], tokenizer, "v1", True)
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1 and IMAGE_TOKEN_INDEX not in labels
+    assert tokenizer.decode([t for t in labels if t >= 0]).endswith("Here:</s>")
+
+
+def test_protocol_fake_tokenizer_and_mismatch_detection():
+    turns = [H("Q?"), G("Ans."), H("Q2?"), G("B.")]
+    ids, labels = preprocess(turns, CharTokenizer(), "v1", False)
+    decode = lambda xs: "".join("</s>" if t == 2 else chr(t - 10) for t in xs)  # noqa: E731
+    assert [decode(ids[a:b]) for a, b in supervised_runs(labels)] == [" Ans.</s>", " B.</s>"]
+    # ": " fuses into one token, so the boundary after "ASSISTANT:" falls inside a token: refuse, don't shift.
+    with pytest.raises(TokenizationMismatch, match="tokenization mismatch") as err:
+        preprocess(turns, CharTokenizer(merge_colon=True), "v1", False)
+    assert err.value.input_ids == CharTokenizer(merge_colon=True)(_render(get_template("v1"), turns)[0]).input_ids
+
+
+# ---------------------------------------------------------------- malformed conversations
+
+
+@pytest.mark.parametrize(
+    ("turns", "version", "has_image", "match"),
+    [
+        ("not a list", "v1", False, "non-empty list"),
+        ([], "v1", False, "non-empty list"),
+        ([{"value": "hi"}, G("yo")], "v1", False, "turn 0 must be"),
+        ([{"from": "user", "value": "hi"}, G("yo")], "v1", False, "turn 0 must be"),
+        ([H("hi"), {"from": "gpt", "value": 3}], "v1", False, "turn 1 must be"),
+        ([H("hi"), G("")], "v1", False, "turn 1 .gpt. has an empty value"),
+        ([H("hi"), H("again"), G("yo")], "v1", False, "alternate"),
+        ([H("hi"), G("yo"), G("yo again")], "v1", False, "alternate"),
+        ([H("hi"), G("yo"), H("unanswered")], "v1", False, "end with a gpt turn"),
+        ([H("hi"), G("yo")], "v1", True, "exactly one <image> token, found 0"),
+        ([H("<image> hi <image>"), G("yo")], "v1", True, "exactly one <image> token, found 2"),
+        ([H("<image>\nhi"), G("yo")], "v1", False, "no 'image' key"),
+        ([H("<image>\nhi"), G("yo"), H("more"), G("yes")], "plain", True, "plain template"),
+        ([H("hi"), G("<image> yo")], "plain", True, "plain template"),
+        ([G("yo"), H("<image>")], "plain", True, "plain template|alternate"),
+    ],
+)
+def test_bad_conversations(turns, version, has_image, match):
+    with pytest.raises(ValueError, match=match):
+        check_conversations(turns, version, has_image)
+    with pytest.raises(ValueError, match=match):
+        preprocess(turns, CharTokenizer(), version, has_image)
+
+
+# ---------------------------------------------------------------- golden parity with LLaVA's own arithmetic
+
+
+def llava_prompt_v1(turns, system=SYSTEM):
+    """Conversation.get_prompt for SeparatorStyle.TWO (conversation.py L32-107), transcribed."""
+    ret = system + " "
+    for j, t in enumerate(turns):
+        ret += ("USER", "ASSISTANT")[j % 2] + ": " + t["value"] + (" ", "</s>")[j % 2]
+    return ret
+
+
+def llava_preprocess_v1(turns, tokenizer, has_image, legacy, model_max_length=2048):
+    """train.py preprocess_v1 (L414-497, current main), transcribed: round lengths by re-tokenizing pieces, the
+    "-2" for BOS and the lone '▁' of the trailing space, and the non-legacy "-1" for rounds after the first
+    (IS_TOKENIZER_GREATER_THAN_0_14 is True for tokenizers 0.15). Returns (ids, labels, mismatch)."""
+    if has_image:
+        turns = preprocess_multimodal(turns)
+    prompt = llava_prompt_v1(turns)
+    tok = (lambda s: tokenizer_image_token(s, tokenizer)) if has_image else (lambda s: tokenizer(s).input_ids)
+    ids = tok(prompt)
+    target, total_len, cur_len = list(ids), len(ids), 1
+    target[0] = IGNORE_INDEX
+    sep = " ASSISTANT: "
+    for i, rou in enumerate(prompt.split("</s>")):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len, instruction_len = len(tok(rou)), len(tok(parts[0])) - 2
+        if i != 0 and not legacy:
+            round_len, instruction_len = round_len - 1, instruction_len - 1
+        for k in range(cur_len, min(cur_len + instruction_len, total_len)):
+            target[k] = IGNORE_INDEX
+        cur_len += round_len
+    target[cur_len:] = [IGNORE_INDEX] * max(0, total_len - cur_len)
+    mismatch = cur_len < model_max_length and cur_len != total_len
+    return ids, ([IGNORE_INDEX] * total_len if mismatch else target), mismatch
+
+
+def random_conversations(n, seed=0):
+    """LLaVA-shaped samples: 1-4 rounds, with and without an image, <image> first or last in its turn."""
+    r = random.Random(seed)
+    words = WORDS + COLOURS + SHAPES + ["It", "Yes,", "No.", "2", "10", "42", "\n", "(a)", "don't"]
+    out = []
+    for _ in range(n):
+        turns = []
+        for _ in range(r.randint(1, 4)):
+            turns.append(H(" ".join(r.choice(words) for _ in range(r.randint(1, 12))) + r.choice("?.")))
+            turns.append(G(r.choice(["", "The ", "A "]) + " ".join(r.choice(words) for _ in range(r.randint(1, 15)))))
+        has_image = r.random() < 0.7
+        if has_image:
+            turns[0]["value"] = r.choice(["<image>\n" + turns[0]["value"], turns[0]["value"] + "\n<image>"])
+        out.append((turns, has_image))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vicuna_shaped_tokenizer(tokenizer, tmp_path_factory):
+    """The fixture tokenizer without the ('▁', 'USER') merge: like Vicuna's, "USER" after </s> is one token but
+    a standalone "▁USER" is two, which is exactly what LLaVA's non-legacy "-1" correction compensates for."""
+    from transformers import AutoTokenizer
+
+    spec = json.loads(tokenizer._tokenizer.to_str())
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if m != ["▁", "USER"]]
+    folder = tmp_path_factory.mktemp("vicuna_shaped")
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "bos_token": "<s>", "eos_token": "</s>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    assert tok.convert_ids_to_tokens(tok("USER").input_ids) == ["<s>", "▁", "USER"]
+    assert tok.convert_ids_to_tokens(tok("</s>USER").input_ids) == ["<s>", "</s>", "USER"]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def legacy_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, legacy=True)
+    assert tok.convert_ids_to_tokens(tok("</s>USER").input_ids) == ["<s>", "</s>", "▁USER"]
+    return tok
+
+
+@pytest.mark.parametrize(("which", "legacy"), [("vicuna_shaped_tokenizer", False), ("legacy_tokenizer", True)])
+def test_labels_equal_llava_preprocess_v1(request, which, legacy):
+    tok = request.getfixturevalue(which)
+    samples = random_conversations(60)
+    assert sum(len(t) > 2 for t, _ in samples) > 20 and sum(not img for _, img in samples) > 10
+    for turns, has_image in samples:
+        ids, labels, mismatch = llava_preprocess_v1(turns, tok, has_image, legacy)
+        assert not mismatch, turns
+        assert preprocess(turns, tok, "v1", has_image) == (ids, labels), turns
+
+
+def test_llava_arithmetic_is_vocabulary_dependent_ours_is_not(tokenizer):
+    """On the fixture vocabulary (legacy=False), '▁USER' is a single token, so LLaVA's "-1" over-corrects: it masks
+    every multi-turn sample as a "tokenization mismatch". Single-turn samples agree exactly, and our multi-turn
+    labels still supervise exactly the answers."""
+    for turns, has_image in random_conversations(30, seed=1):
+        ids, labels, mismatch = llava_preprocess_v1(turns, tokenizer, has_image, legacy=False)
+        ours = preprocess(turns, tokenizer, "v1", has_image)
+        assert mismatch == (len(turns) > 2)
+        if not mismatch:
+            assert ours == (ids, labels)
+        answers = [tokenizer.decode(ours[0][a:b]) for a, b in supervised_runs(ours[1])]
+        assert "".join(answers) == "".join(t["value"] + "</s>" for t in turns[1::2])
+
+
+def test_plain_labels_equal_llava_preprocess_plain(tokenizer):
+    """preprocess_plain (L588-607): mask len(tokenizer_image_token("<image>")) tokens of "<image>" + caption + "\\n"."""
+    for turns, _ in random_conversations(30, seed=2):
+        turns = [H("<image>\n" + turns[0]["value"].replace("<image>", "")), turns[1]]
+        ids = tokenizer_image_token("<image>" + turns[1]["value"] + "\n", tokenizer)
+        n = len(tokenizer_image_token("<image>", tokenizer))
+        assert preprocess(turns, tokenizer, "plain", True) == (ids, [IGNORE_INDEX] * n + ids[n:])
