@@ -39,8 +39,7 @@ class ModelArgs:
     mm_use_im_patch_token: bool = False  # LLaVA default True adds a token; v1.5 passes False; only False supported
     mm_patch_merge_type: str = "flat"  # only flat (v1.5); spatial/unpad are LLaVA-1.6
     mm_vision_select_feature: str = "patch"  # patch drops CLS, cls_patch keeps it
-    attn_implementation: str = "sdpa"  # minillava: sdpa | flash_attention_2 | eager (LLaVA train_mem.py: fa2)
-    init_projector: str = "auto"  # minillava: auto (adapter if given; stage 2 requires one) | random (see validate)
+    init_projector: str = "auto"  # minillava: auto = adapter if given (stage 2 requires one) | random = fresh init
 
 
 @dataclass(kw_only=True)
@@ -75,6 +74,7 @@ class TrainArgs:
     max_grad_norm: float = 0.0  # minillava 0 = off: HF's 1.0 was never applied under zero2/zero3 (ref 7.4)
     loss_reduction: str = "llava"  # minillava: llava (per-micro-batch mean) | global_token (step-wide token mean)
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per LLM block
+    attn_implementation: str = "sdpa"  # minillava: sdpa | flash_attention_2 | eager (LLaVA train_mem.py: fa2)
     reshard_after_forward: bool = True  # minillava FSDP2 knob; --deepspeed zero2/zero3 maps to False/True
     seed: int = 42  # HF default
     logging_steps: int = 1  # log every N steps (HF default 500; v1.5 uses 1)
@@ -130,14 +130,14 @@ IGNORED_FLAGS: dict[str, tuple[tuple[Any, ...] | None, str | None]] = {
 MAPPED_FLAGS: dict[str, str] = {"deepspeed": "reshard_after_forward"}  # zero2 -> False, zero3* -> True
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def str2bool(value: str | bool) -> bool:
     """Strict bool parsing: true/false/1/0/yes/no, case-insensitive; anything else is a ValueError."""
-    if isinstance(value, bool):
-        return value
-    table = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-    if value.lower() not in table:
+    if not isinstance(value, bool) and value.lower() not in _BOOLS:
         raise ValueError(f"expected a bool (true/false/1/0/yes/no), got {value!r}")
-    return table[value.lower()]
+    return value if isinstance(value, bool) else _BOOLS[value.lower()]
 
 
 def _known_versions() -> set[str]:
@@ -237,16 +237,13 @@ def _caster(tp: Any) -> Callable[[str], Any]:
 
 
 _ARG_CLASSES = (ModelArgs, DataArgs, TrainArgs)
-
-
-def _all_fields() -> list[Any]:
-    return [f for cls in _ARG_CLASSES for f in fields(cls)]
+_FIELDS = [f for cls in _ARG_CLASSES for f in fields(cls)]
 
 
 def _parser() -> argparse.ArgumentParser:
     # SUPPRESS: only flags given on the command line appear in the namespace, which makes precedence a dict merge.
     p = _Parser(prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    for f in _all_fields():
+    for f in _FIELDS:
         cast = _caster(f.type)
         bare = {"nargs": "?", "const": True} if cast is str2bool else {}  # `--bf16` alone means True
         p.add_argument(*_spellings(f.name), dest=f.name, type=cast, **bare)
@@ -297,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise ValueError("--deepspeed and --reshard_after_forward both set the sharding mode; give one")
         explicit["reshard_after_forward"] = _map_deepspeed(explicit.pop("deepspeed"))
     values = {**STAGE_PRESETS.get(explicit.get("stage"), {}), **explicit}  # a bad --stage fails in validate
-    missing = [f"--{f.name}" for f in _all_fields() if f.default is MISSING and f.name not in values]
+    missing = [f"--{f.name}" for f in _FIELDS if f.default is MISSING and f.name not in values]
     if missing:
         raise ValueError(f"missing required flag(s): {', '.join(missing)}")
     model, data, train = ({f.name: values[f.name] for f in fields(c) if f.name in values} for c in _ARG_CLASSES)

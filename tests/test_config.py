@@ -58,7 +58,7 @@ def test_defaults_are_llavas() -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     assert (m.mm_vision_select_layer, m.mm_projector_type, m.mm_vision_select_feature) == (-1, "linear", "patch")
     assert (m.freeze_backbone, m.mm_use_im_start_end, m.mm_use_im_patch_token) == (False, False, False)
-    assert (m.pretrain_mm_mlp_adapter, m.attn_implementation, m.init_projector) == (None, "sdpa", "auto")
+    assert (m.pretrain_mm_mlp_adapter, t.attn_implementation, m.init_projector) == (None, "sdpa", "auto")
     assert d.image_aspect_ratio == "square"
     assert (t.model_max_length, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (512, 8, 1)
     assert (t.learning_rate, t.weight_decay, t.warmup_ratio, t.num_train_epochs, t.max_steps) == (5e-5, 0, 0, 3, -1)
