@@ -141,11 +141,8 @@ def str2bool(value: str | bool) -> bool:
 
 
 def _known_versions() -> set[str]:
-    # Lazy: the template module is the source of truth; the fallback covers checkouts without it.
-    try:
-        from minillava.conversation import KNOWN_VERSIONS
-    except ImportError:
-        return {"plain", "v1", "vicuna_v1", "llava_v1"}
+    from minillava.conversation import KNOWN_VERSIONS  # lazy: the template module owns the list of versions
+
     return set(KNOWN_VERSIONS)
 
 
