@@ -1,0 +1,216 @@
+"""LLaVA-1.5 training data: the lazy JSON dataset, image preprocessing and the padding collator
+(llava/train/train.py L658-773; llava-reference.md section 2). Scan a dataset before a long run with
+`python -m minillava.check_data --data_path ... --image_folder ...`."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+from minillava.constants import IGNORE_INDEX
+from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
+
+logger = logging.getLogger(__name__)
+ASPECT_RATIOS = ("pad", "square")
+IMAGE_LENGTH = 128  # what `lengths` adds for a sample with an image (train.py L679)
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Paste `img` centred on a square canvas of its longer side filled with `background` (train.py L706-717)."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
+def open_image(path: str) -> Image.Image:
+    """Open an image as RGB (train.py L697); ValueError naming the file if it is missing or unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... depending on the format and damage
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def process_image(img: Image.Image, processor: Any, image_aspect_ratio: str) -> torch.Tensor:
+    """pad: expand2square with the processor's mean colour (122, 116, 104 for CLIP), then the processor; square: the
+    processor alone (shortest edge resize + centre crop). Returns FloatTensor[3, H, W] (train.py L699-720)."""
+    if image_aspect_ratio == "pad":
+        img = expand2square(img, tuple(int(x * 255) for x in processor.image_mean))
+    return processor.preprocess(img, return_tensors="pt")["pixel_values"][0]
+
+
+def load_records(data_path: str) -> list:
+    """json.load the whole data file once (train.py L664); it must be a list of samples."""
+    try:
+        with open(data_path) as f:
+            records = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from e
+    if not isinstance(records, list):
+        raise ValueError(f"--data_path {data_path}: expected a JSON list of samples, got a {type(records).__name__}")
+    return records
+
+
+def word_count(record: Any) -> int:
+    """Whitespace words over all turns, LLaVA's length proxy (train.py L675-690); ValueError without turns."""
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        raise ValueError("no 'conversations' list")
+    return sum(len(t["value"].split()) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
+
+
+def describe(i: int, record: Any, data_path: str) -> str:
+    """How every data error names its sample: "sample 3 (id='x') of data.json"."""
+    rid = record.get("id", "?") if isinstance(record, dict) else "?"
+    return f"sample {i} (id={rid!r}) of {data_path}"
+
+
+class LazySupervisedDataset(Dataset):
+    """LLaVA's LazySupervisedDataset (train.py L658-739): the JSON list in memory, each sample processed on access.
+
+    __getitem__ -> input_ids, labels (LongTensor[T], truncated to model_max_length) and pixel_values
+    (FloatTensor[3, H, W]; zeros of the processor's crop size for text-only samples, as LLaVA L733-735)."""
+
+    def __init__(
+        self,
+        data_path: str,
+        tokenizer: Tokenizer,
+        image_processor: Any,
+        *,
+        image_folder: str | None,
+        version: str,
+        image_aspect_ratio: str = "square",
+        model_max_length: int = 2048,
+        is_multimodal: bool = True,
+    ) -> None:
+        get_template(version)  # an unknown --version fails here, not in a DataLoader worker
+        if image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio {image_aspect_ratio!r}: supported values are {ASPECT_RATIOS}")
+        if is_multimodal and image_processor is None:
+            raise ValueError("a multimodal dataset needs an image processor (--vision_tower)")
+        self.records = load_records(data_path)
+        self.data_path, self.tokenizer, self.image_processor = data_path, tokenizer, image_processor
+        self.image_folder, self.version, self.image_aspect_ratio = image_folder, version, image_aspect_ratio
+        self.model_max_length, self.is_multimodal = model_max_length, is_multimodal
+        # Per process: with DataLoader workers each worker counts its own samples (the warnings name them all).
+        self.num_fully_masked = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @cached_property
+    def modality_lengths(self) -> list[int]:
+        """Word count per sample, positive with an image, negative without (train.py L683-690); validates them all."""
+        out = []
+        for i, record in enumerate(self.records):
+            try:
+                n = word_count(record)
+            except ValueError as e:
+                raise ValueError(f"{describe(i, record, self.data_path)}: {e}") from None
+            if n == 0:  # its sign could not carry the modality; LLaVA's sampler asserts on it
+                raise ValueError(f"{describe(i, record, self.data_path)}: the sample has zero words")
+            out.append(n if "image" in record else -n)
+        return out
+
+    @property
+    def lengths(self) -> list[int]:
+        """Word count plus 128 for samples with an image (train.py L675-681)."""
+        return [abs(n) + (IMAGE_LENGTH if n > 0 else 0) for n in self.modality_lengths]
+
+    def load_image(self, i: int) -> torch.Tensor:
+        """Sample i's image as processed pixel values, FloatTensor[3, H, W]."""
+        record, where = self.records[i], describe(i, self.records[i], self.data_path)
+        if not isinstance(record["image"], str) or self.image_folder is None:
+            raise ValueError(f"{where}: 'image' must be a path relative to --image_folder, got {record['image']!r}")
+        try:
+            img = open_image(os.path.join(self.image_folder, record["image"]))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return process_image(img, self.image_processor, self.image_aspect_ratio)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        record = self.records[i]
+        where = describe(i, record, self.data_path)
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise ValueError(f"{where}: no 'conversations' list")
+        has_image = "image" in record
+        if has_image and not self.is_multimodal:
+            raise ValueError(f"{where}: the sample has an image but the run has no vision tower")
+        reason = f"all its answers lie beyond model_max_length={self.model_max_length}"
+        try:
+            input_ids, labels = preprocess(record["conversations"], self.tokenizer, self.version, has_image)
+        except TokenizationMismatch as e:
+            # LLaVA masks such a sample and trains on it: "tokenization mismatch ... (ignored)" (train.py L482-490).
+            input_ids, labels, reason = e.input_ids, [IGNORE_INDEX] * len(e.input_ids), str(e)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        # LLaVA truncates text-only samples here and every sample in the collator: the same ids either way, but
+        # per sample we can see the ones left without a single supervised token.
+        input_ids, labels = input_ids[: self.model_max_length], labels[: self.model_max_length]
+        if all(t == IGNORE_INDEX for t in labels):
+            self.num_fully_masked += 1
+            logger.warning("%s: no supervised tokens (%s); it adds no loss and no token count", where, reason)
+        out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        if has_image:
+            out["pixel_values"] = self.load_image(i)
+        elif self.is_multimodal:
+            crop = self.image_processor.crop_size
+            out["pixel_values"] = torch.zeros(3, crop["height"], crop["width"])
+        return out
+
+
+@dataclass
+class DataCollator:
+    """Right-pad samples into a batch (DataCollatorForSupervisedDataset, train.py L742-773).
+
+    Deliberate deviation: LLaVA's attention mask is `input_ids != pad` with pad = unk = 0, which also hides every
+    real <unk> in the content (and the model's splice then drops it). Ours comes from the true lengths."""
+
+    pad_token_id: int
+    model_max_length: int
+
+    def __call__(self, instances: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        # Truncating before padding gives the same tensors as LLaVA's pad-then-truncate.
+        ids = [x["input_ids"][: self.model_max_length] for x in instances]
+        labels = [x["labels"][: self.model_max_length] for x in instances]
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)  # (B, T)
+        lengths = torch.tensor([len(x) for x in ids])
+        batch = {
+            "input_ids": input_ids,
+            "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+            "attention_mask": torch.arange(input_ids.shape[1])[None, :] < lengths[:, None],
+        }
+        if "pixel_values" in instances[0]:
+            batch["pixel_values"] = torch.stack([x["pixel_values"] for x in instances])  # (B, 3, H, W)
+        return batch
+
+
+def load_tokenizer(path: str, model_max_length: int) -> Any:
+    """The tokenizer as LLaVA sets it up for plain/v1 (train.py L878-908): right padding, pad = unk."""
+    from transformers import AutoTokenizer
+
+    # LLaVA asked for the slow SentencePiece class (use_fast=False); transformers 5 has one Llama tokenizer, which
+    # gives Vicuna's ids when the folder's tokenizer_config.json says legacy=false (llava-reference.md 2.7). So
+    # `legacy` is taken from the folder, never overridden.
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right")
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def load_image_processor(path: str) -> Any:
+    """The PIL-backed CLIP processor from a local vision tower folder (llava-reference.md 2.7: bit-identical to
+    LLaVA's; the torchvision-backed default differs by up to 0.03 on non-square images)."""
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(path)
