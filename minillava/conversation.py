@@ -66,14 +66,17 @@ def tokenizer_image_token(prompt: str, tokenizer: Tokenizer) -> list[int]:
     """Tokenize each "<image>"-separated chunk on its own, keep one leading BOS, put -200 between chunks.
 
     mm_utils.py L185-204: every chunk gets SentencePiece's word prefix, so tokenizing in one piece gives other ids."""
-    chunks = [list(tokenizer(chunk).input_ids) for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    texts = prompt.split(DEFAULT_IMAGE_TOKEN)
+    # LLaVA's slow tokenizer always adds the '▁' word prefix (" A" -> '▁', '▁A'); transformers 5's Llama tokenizer
+    # skips it when the text starts with a space (" A" -> '▁A', as "A"). Such a tokenizer gets the space back.
+    if any(t.startswith(" ") for t in texts) and tokenizer(" a").input_ids == tokenizer("a").input_ids:
+        texts = [" " + t if t.startswith(" ") else t for t in texts]
+    chunks = [list(tokenizer(t).input_ids) for t in texts]
     bos = tokenizer.bos_token_id
     has_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
     ids = [bos] if has_bos else []
     for k, chunk in enumerate(chunks):
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-        ids.extend(chunk[1:] if has_bos and chunk[:1] == [bos] else chunk)
+        ids.extend(([IMAGE_TOKEN_INDEX] if k else []) + (chunk[1:] if has_bos and chunk[:1] == [bos] else chunk))
     return ids
 
 
@@ -89,9 +92,7 @@ def preprocess_multimodal(conversations: list[dict]) -> list[dict]:
 
 
 def check_conversations(conversations: Any, version: str, has_image: bool) -> list[dict]:
-    """Validate one record's turns and return them, minus a leading gpt turn (train.py L423 drops it).
-
-    Raises ValueError for anything LLaVA would assert on, crash on, or silently train wrong."""
+    """Turns minus a leading gpt turn (train.py L423); ValueError where LLaVA asserts, crashes or trains wrong."""
     template = get_template(version)
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("'conversations' must be a non-empty list of turns")
@@ -188,9 +189,8 @@ def preprocess(
 
 
 def build_inference_prompt(question: str, version: str, has_image: bool) -> str:
-    """The prompt a trained model sees at inference (LLaVA's eval: "<image>\\n" + question, open ASSISTANT turn).
-
-    plain returns "<image>" alone: stage 1 trains on "<image>" + caption, discarding the instruction."""
+    """The prompt a trained model sees at inference (LLaVA's eval: "<image>\\n" + question, open ASSISTANT turn);
+    plain gives "<image>" alone: stage 1 trains on "<image>" + caption, without the instruction."""
     template = get_template(version)
     if template.style == "plain":
         if not has_image:

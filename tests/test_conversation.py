@@ -361,3 +361,60 @@ def test_plain_labels_equal_llava_preprocess_plain(tokenizer):
         ids = tokenizer_image_token("<image>" + turns[1]["value"] + "\n", tokenizer)
         n = len(tokenizer_image_token("<image>", tokenizer))
         assert preprocess(turns, tokenizer, "plain", True) == (ids, [IGNORE_INDEX] * n + ids[n:])
+
+
+# ---------------------------------------------------------------- ids equal LLaVA's slow SentencePiece tokenizer
+
+
+def slow_llama_ids(text, model_file, legacy):
+    """transformers 4.37 LlamaTokenizer (the slow class LLaVA loads with use_fast=False), transcribed for BOS + text:
+    special tokens are split off first; legacy encodes every piece with SentencePiece's dummy prefix; non-legacy
+    turns the dummy prefix off, prepends '▁' to the whole text once, and encodes pieces that start with a space
+    behind "<unk>" so the space survives."""
+    import re
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    if not legacy:
+        proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False
+        sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        text = "▁" + text.replace("▁", " ") if text else text
+    specials, unk = ("<s>", "</s>", "<unk>"), len(sp.encode("<unk>", out_type=str))
+    pieces = []
+    for part in re.split("(<s>|</s>|<unk>)", text):
+        if part in specials:
+            pieces.append(part)
+        elif part and not legacy and part.startswith(("▁", " ")):
+            pieces += sp.encode("<unk>" + part, out_type=str)[unk:]
+        elif part:
+            pieces += sp.encode(part, out_type=str)
+    if len(pieces) > 1 and pieces[0] == "▁" and pieces[1] in specials:
+        pieces = pieces[1:]
+    return [1] + [sp.piece_to_id(p) for p in pieces]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_ids_equal_llava_slow_tokenizer(tokenizer_dir, legacy):
+    """Token ids as LLaVA produced them, including the cases where transformers 5 alone would differ: an "<image>"
+    chunk that starts with a space (a caption " A ...", a turn that is just "<image>")."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, legacy=legacy)
+    model_file = f"{tokenizer_dir}/tokenizer.model"
+    v1, plain = get_template("v1"), get_template("plain")
+    prompts = [_render(plain, [H("<image>"), G(caption)])[0] for caption in (" A red circle.", "  two", "A dog.")]
+    prompts.append(_render(v1, [H("<image>"), G("The shape is red."), H("And?"), G(" Blue.")])[0])
+    for turns, has_image in random_conversations(40, seed=3):
+        prompts.append(_render(v1, preprocess_multimodal(turns) if has_image else turns)[0])
+    assert tok(" a").input_ids == tok("a").input_ids  # transformers 5 absorbs a leading space ...
+    assert slow_llama_ids(" a", model_file, legacy) != slow_llama_ids("a", model_file, legacy)  # ... LLaVA's did not
+    for prompt in prompts:
+        expected = [1]
+        for k, chunk in enumerate(prompt.split("<image>")):
+            expected += [IMAGE_TOKEN_INDEX] * (k > 0) + slow_llama_ids(chunk, model_file, legacy)[1:]
+        assert tokenizer_image_token(prompt, tok) == expected, prompt
+    caption = tokenizer_image_token(prompts[0], tok)
+    assert tok.convert_ids_to_tokens(caption[2:4]) == ["▁", "▁A"]
