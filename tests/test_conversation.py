@@ -286,7 +286,7 @@ def llava_preprocess_v1(turns, tokenizer, has_image, legacy, model_max_length=20
 
 
 def random_conversations(n, seed=0):
-    """LLaVA-shaped samples: 1-4 rounds, with and without an image, <image> first or last in its turn."""
+    """LLaVA-shaped samples: 1-4 rounds, with and without an image, <image> first or last in its human turn."""
     r = random.Random(seed)
     words = WORDS + COLOURS + SHAPES + ["It", "Yes,", "No.", "2", "10", "42", "\n", "(a)", "don't"]
     out = []
@@ -296,8 +296,9 @@ def random_conversations(n, seed=0):
             turns.append(H(" ".join(r.choice(words) for _ in range(r.randint(1, 12))) + r.choice("?.")))
             turns.append(G(r.choice(["", "The ", "A "]) + " ".join(r.choice(words) for _ in range(r.randint(1, 15)))))
         has_image = r.random() < 0.7
-        if has_image:
-            turns[0]["value"] = r.choice(["<image>\n" + turns[0]["value"], turns[0]["value"] + "\n<image>"])
+        if has_image:  # mostly in the first turn, as in LLaVA's data; sometimes in a later one
+            j = r.choice([0, 0, 0, r.randrange(0, len(turns), 2)])
+            turns[j]["value"] = r.choice(["<image>\n" + turns[j]["value"], turns[j]["value"] + "\n<image>"])
         out.append((turns, has_image))
     return out
 
