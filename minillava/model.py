@@ -76,8 +76,9 @@ def _select_layer_forward(tower: CLIPVisionModel, pixel_values: Tensor, *, num_l
 class LlavaModel(nn.Module):
     """LlavaLlamaForCausalLM (ref 5.1) as composition: `.llm`, `.vision_tower` (frozen), `.mm_projector`.
 
-    The tower's `forward` is rebound to `_select_layer_forward` so that calling the tower (which is where FSDP2's
-    unshard hooks live, the tower being one FSDP unit) returns hidden_states[mm_vision_select_layer] directly.
+    The tower's `forward` is rebound to `_select_layer_forward`: `vision_tower(pixel_values)` returns the
+    (N, 1+P, C) tensor hidden_states[mm_vision_select_layer], not a ModelOutput. Going through the tower's own
+    __call__ keeps FSDP2's unshard hooks (the tower is one FSDP unit) working while skipping the later layers.
     """
 
     def __init__(
