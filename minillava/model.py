@@ -109,6 +109,12 @@ class LlavaModel(nn.Module):
         num_layers = mm_vision_select_layer % (n + 1)  # hidden_states has n + 1 entries; -2 -> n - 1 layers run
         vision_tower.forward = functools.partial(_select_layer_forward, vision_tower, num_layers=num_layers)
 
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM positions one image takes: P patches (576 at 336px/14), plus CLS for cls_patch."""
+        cfg = self.vision_tower.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + (self.mm_vision_select_feature == "cls_patch")
+
     def decoder_layers(self) -> list[nn.Module]:
         """The LlamaDecoderLayer modules (FSDP units / activation-checkpointing targets)."""
         return list(self.llm.model.layers)

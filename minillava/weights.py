@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from minillava.model import LlavaModel
@@ -35,8 +35,8 @@ def mm_projector_state_dict(model: LlavaModel) -> dict[str, Tensor]:
     return {to_llava_key(f"mm_projector.{k}"): v.detach() for k, v in model.mm_projector.state_dict().items()}
 
 
-def read_mm_projector(model: LlavaModel, path: str) -> dict[str, Tensor]:
-    """LLaVA's mm_projector.bin as {mm_projector.*: tensor in the parameter dtype}, checked against the model."""
+def read_mm_projector(model: nn.Module, path: str) -> dict[str, Tensor]:
+    """LLaVA's mm_projector.bin as {mm_projector.*: tensor in the param dtype}, checked against model.mm_projector."""
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -47,7 +47,7 @@ def read_mm_projector(model: LlavaModel, path: str) -> dict[str, Tensor]:
     if missing or unexpected:
         raise ValueError(
             f"--pretrain_mm_mlp_adapter {path}: missing keys {missing}, unexpected keys {unexpected} "
-            f"(for --mm_projector_type {model.mm_projector_type})"
+            "(is --mm_projector_type the one the adapter was trained with?)"
         )
     for k, v in weights.items():
         if v.shape != expected[k].shape:
@@ -58,7 +58,7 @@ def read_mm_projector(model: LlavaModel, path: str) -> dict[str, Tensor]:
     return {f"mm_projector.{k}": v.to(expected[k].dtype) for k, v in weights.items()}
 
 
-def load_mm_projector(model: LlavaModel, path: str) -> None:
+def load_mm_projector(model: nn.Module, path: str) -> None:
     """Load --pretrain_mm_mlp_adapter into an unsharded model, strict (ref 5.4 step 5); ValueError naming the file."""
     weights = read_mm_projector(model, path)
     model.mm_projector.load_state_dict({k.removeprefix("mm_projector."): v for k, v in weights.items()}, strict=True)

@@ -241,6 +241,7 @@ def test_forward_shapes_and_dtypes():
     emb, labels, mask, _ = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     assert emb.shape == (3, 7 - 1 + P, 32) and (labels == IGN).all() and mask.sum(1).tolist() == [9, 10, 4]
     assert len(model.decoder_layers()) == 2 and all(isinstance(m, LlamaDecoderLayer) for m in model.decoder_layers())
+    assert model.num_image_tokens == P and make_model(mm_vision_select_feature="cls_patch").num_image_tokens == P + 1
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 2048])
@@ -354,6 +355,10 @@ def test_adapter_round_trip_casts_dtype(tmp_path):
     load_mm_projector(dst, path)
     for (k, a), b in zip(src.mm_projector.state_dict().items(), dst.mm_projector.state_dict().values(), strict=True):
         assert b.dtype == torch.float32 and torch.equal(a.float(), b), k
+    holder = torch.nn.Module()  # any module with an .mm_projector will do (train.py loads into a stand-alone one)
+    holder.mm_projector = build_projector("mlp2x_gelu", 32, 32)
+    load_mm_projector(holder, path)
+    assert torch.equal(holder.mm_projector[0].weight, dst.mm_projector[0].weight)
     with torch.device("meta"):  # read_mm_projector checks shapes without touching data (FSDP flow)
         meta = build_llava_from_config(tiny_llama_config(), tiny_clip_config())
     assert list(read_mm_projector(meta, path)) == [f"mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
