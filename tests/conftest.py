@@ -150,8 +150,11 @@ def draw_shape(colour: str, shape: str, size: tuple[int, int] = (40, 30), bg: st
     return img
 
 
-def write_llava_dataset(root: str, n_image: int = 6, n_text: int = 2) -> tuple[str, str]:
-    """Write images and a LLaVA-format JSON list (image and text-only samples). Returns (json_path, image_folder)."""
+def write_llava_dataset(
+    root: str, n_image: int = 6, n_text: int = 2, multi_turn: bool = True, name: str = "data.json"
+) -> tuple[str, str]:
+    """Write images and a LLaVA-format JSON list (image and text-only samples; every odd image sample has a second
+    turn unless multi_turn=False, which with n_text=0 gives plain/pretrain data). Returns (json_path, image_folder)."""
     r = random.Random(1)
     image_folder = os.path.join(root, "images")
     os.makedirs(image_folder, exist_ok=True)
@@ -164,7 +167,7 @@ def write_llava_dataset(root: str, n_image: int = 6, n_text: int = 2) -> tuple[s
             {"from": "human", "value": "<image>\nWhat is the colour of the shape?"},
             {"from": "gpt", "value": f"The shape is {colour}."},
         ]
-        if i % 2:
+        if multi_turn and i % 2:
             convs += [{"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": f"A {shape}."}]
         records.append({"id": f"img-{i}", "image": name, "conversations": convs})
     for i in range(n_text):
@@ -175,7 +178,7 @@ def write_llava_dataset(root: str, n_image: int = 6, n_text: int = 2) -> tuple[s
                 "conversations": [{"from": "human", "value": q + "?"}, {"from": "gpt", "value": "Yes, it is."}],
             }
         )
-    path = os.path.join(root, "data.json")
+    path = os.path.join(root, name)
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     return path, image_folder

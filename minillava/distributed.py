@@ -1,0 +1,165 @@
+"""Everything torch.distributed: process group setup, FSDP2 wrapping, activation checkpointing, weight loading from
+rank 0, and the few collectives the loop needs. Model code stays plain nn.Module; parallelism is applied from here."""
+
+import datetime
+import functools
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # False when a caller (a test harness) created the process group and will destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python train.py` becomes a 1-rank group,
+    so single-process runs take exactly the same FSDP2 code path as 8-GPU runs."""
+    owns = not dist.is_initialized()
+    if owns and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if owns:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+        )
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, owns)
+
+
+def cleanup(info: DistInfo) -> None:
+    """Destroy the process group if we created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(values: list[float], op: str = "sum", device: torch.device | None = None) -> list[float]:
+    """All-reduce a few Python floats in one collective (op: sum, max or mean). Used for logging and token counts."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from rank `src` to every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def apply_activation_checkpointing(layers: list[nn.Module]) -> None:
+    """Non-reentrant activation checkpointing per decoder layer. We wrap `forward` in place instead of using
+    checkpoint_wrapper so parameter names (and thus checkpoint keys) stay LLaVA's. FSDP2's hooks live on __call__,
+    which still runs; the recompute calls the raw forward while the layer is unsharded for backward."""
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def apply_fsdp(model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum_gradients: bool) -> None:
+    """fully_shard each LLM decoder layer, the vision tower as one unit, then the root (embeddings, norm, head,
+    projector).
+
+    - bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); sharded params (the master weights the
+      optimizer updates) stay in whatever dtype they were built in (fp32 for trainable ones).
+    - reshard_after_forward: True = ZeRO-3-like (zero3.json), False = ZeRO-2-like (zero2.json). The vision tower is
+      forward-only, so it always reshards: keeping its gathered weights until backward would only cost memory.
+    - sum_gradients: for --loss_reduction global_token the loss is already divided by the global token count, so
+      FSDP must sum gradients instead of averaging them over ranks. set_gradient_divide_factor(1.0) alone asks for
+      PREMUL_SUM, which gloo lacks; forcing sum reduction makes it a plain SUM on every backend.
+    """
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
+    for layer in model.decoder_layers():
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model.vision_tower, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if sum_gradients:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)
+
+
+def _reinit_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """to_empty() leaves non-persistent buffers (rotary inv_freq, CLIP position_ids) uninitialised, and they are not
+    in any state dict. Rebuild each owning module from its config on the CPU and copy those buffers over."""
+    for module in model.modules():
+        names = [n for n in module._non_persistent_buffers_set if getattr(module, n, None) is not None]
+        if not names:
+            continue
+        if not hasattr(module, "config"):
+            raise RuntimeError(f"cannot re-initialise non-persistent buffers {names} of {type(module).__name__}")
+        with torch.device("cpu"):
+            fresh = type(module)(module.config)
+        for n in names:
+            getattr(module, n).copy_(getattr(fresh, n).to(device))
+
+
+@torch.no_grad()
+def materialize_and_load(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Allocate the sharded (meta-built) model on `device` and fill it from a full state dict that only rank 0 holds.
+
+    Only rank 0 reads the checkpoint files; set_model_state_dict(broadcast_from_rank0=True) streams each tensor to
+    the other ranks, which keep just their shard, so 8 ranks never hold 8 full CPU copies of a 7B model."""
+    model.to_empty(device=device)
+    _reinit_non_persistent_buffers(model, device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full_state if dist.get_rank() == 0 else {}, options=options)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*args: object) -> None:
+    """print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Total gradient norm over all ranks' shards (DTensor-aware); clips only when max_norm > 0. LLaVA v1.5 ran with
+    no clipping (zero2/zero3.json have no gradient_clipping key, llava-reference.md 7.4), hence off by default."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # a DTensor when the grads are sharded
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

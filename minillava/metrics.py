@@ -1,0 +1,154 @@
+"""Step metrics: token counts, VLM-aware FLOPs/MFU, peak memory, and the JSONL / wandb / tqdm sinks (rank 0 only).
+
+VLM-aware MFU counts what the step really computes, per sample (no recompute counted, attention causal):
+  vision tower: forward only, and only the layers up to mm_vision_select_layer;
+  projector: forward + backward when trainable, forward only when frozen;
+  LLM: 6*N*T when trained (stage 2); 4*N*T when frozen (stage 1: forward + input-gradient backward, no weight grads).
+This matches ../shared/bench/hf_baseline.py, so our numbers compare with the baseline's."""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU (None on CPU or unknown GPUs: MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Parameter counts needed for the FLOP formula, read once from the (unsharded-shape) model."""
+
+    llm_matmul: int  # LLM parameters used in matmuls: everything but the input embedding, plus lm_head
+    llm_layers: int
+    hidden: int
+    vit_layer: int  # parameters of one vision encoder layer
+    vit_layers_run: int
+    vit_hidden: int
+    vit_tokens: int  # tokens the tower processes per image (patches + CLS)
+    projector: int
+    image_tokens: int  # tokens each image becomes in the LLM sequence
+    llm_trainable: bool
+    projector_trainable: bool
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "FlopModel":
+        llm, tower = model.llm, model.vision_tower
+        emb = llm.get_input_embeddings().weight.numel()
+        vcfg = tower.config
+        vit_layers = (
+            vcfg.num_hidden_layers + model.mm_vision_select_layer + 1
+            if model.mm_vision_select_layer < 0
+            else model.mm_vision_select_layer
+        )
+        trainable = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
+        return cls(
+            llm_matmul=_count(llm) - emb,
+            llm_layers=llm.config.num_hidden_layers,
+            hidden=llm.config.hidden_size,
+            vit_layer=_count(tower.encoder.layers[0]),
+            vit_layers_run=vit_layers,
+            vit_hidden=vcfg.hidden_size,
+            vit_tokens=(vcfg.image_size // vcfg.patch_size) ** 2 + 1,
+            projector=_count(model.mm_projector),
+            image_tokens=model.num_image_tokens,
+            llm_trainable=trainable(llm.model.layers),
+            projector_trainable=trainable(model.mm_projector),
+        )
+
+    def sample_flops(self, seq_len: int) -> float:
+        """FLOPs of one sample whose spliced LLM sequence has `seq_len` tokens (vision tower always runs)."""
+        n = self.vit_tokens
+        vit = 2 * self.vit_layer * self.vit_layers_run * n + 4 * self.vit_layers_run * n * n * self.vit_hidden
+        proj = (6 if self.projector_trainable else 2) * self.projector * self.image_tokens
+        attn_fwd = 4 * self.llm_layers * seq_len * seq_len * self.hidden / 2
+        llm = (6 if self.llm_trainable else 4) * self.llm_matmul * seq_len + 3 * attn_fwd
+        return vit + proj + llm
+
+
+def sequence_lengths(batch: dict[str, torch.Tensor], image_tokens: int, max_len: int) -> list[int]:
+    """Per-sample LLM sequence length after the image splice and truncation (what the model really processes)."""
+    n_text = batch["attention_mask"].sum(1)
+    n_img = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(1)
+    return (n_text + n_img * (image_tokens - 1)).clamp(max=max_len).tolist()
+
+
+def label_token_count(batch: dict[str, torch.Tensor], image_tokens: int, max_len: int) -> int:
+    """Label tokens that will get a loss after the splice: label j of a row moves to j + (P - 1) * (images before j),
+    is dropped by the post-splice truncation at max_len, and position 0 predicts nothing (labels are shifted)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    images_before = torch.cumsum(ids == IMAGE_TOKEN_INDEX, dim=1) - (ids == IMAGE_TOKEN_INDEX).long()
+    pos = torch.arange(ids.shape[1], device=ids.device) + images_before * (image_tokens - 1)
+    keep = (labels != IGNORE_INDEX) & batch["attention_mask"] & (pos >= 1) & (pos < max_len)
+    return int(keep.sum())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory since the last reset, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+class MetricsLogger:
+    """Rank-0 sink: a JSONL file in output_dir always, wandb with --report_to wandb (imported lazily), tqdm bar."""
+
+    def __init__(
+        self, output_dir: str, *, enabled: bool, total_steps: int, start_step: int, report_to: str, run_config: dict
+    ) -> None:
+        self.enabled = enabled
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+        if report_to == "wandb":
+            import wandb  # optional dependency: pip install minillava[wandb]; WANDB_MODE=offline works without network
+
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "minillava"), config=run_config, dir=output_dir
+            )
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', 0):.2e}")
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

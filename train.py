@@ -1,0 +1,242 @@
+"""Train a LLaVA-1.5 VLM with FSDP2 in a hand-written loop.
+
+    torchrun --nproc_per_node 8 train.py --stage 1 [LLaVA flags...]   # projector pretraining (pretrain.sh)
+    torchrun --nproc_per_node 8 train.py --stage 2 [LLaVA flags...]   # LLM + projector finetune (finetune.sh)
+
+Also runs as a plain `python train.py ...` (a 1-rank process group). Read top to bottom: train_step, then main."""
+
+import math
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, CLIPVisionConfig
+
+from minillava import distributed as D
+from minillava.checkpoint import save_final
+from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
+from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
+from minillava.metrics import (
+    FlopModel,
+    MetricsLogger,
+    device_peak_flops,
+    label_token_count,
+    peak_memory_gb,
+    sequence_lengths,
+)
+from minillava.model import (
+    build_llava_from_config,
+    build_projector,
+    load_mm_projector,
+    parameter_report,
+    pretrained_state_dict,
+    set_trainable,
+)
+from minillava.optim import build_optimizer, group_lrs, num_training_steps
+from minillava.sampler import DistributedModalityLengthSampler
+
+
+def train_step(model, micro_batches: list[dict], optimizer, scheduler, cfg: Config) -> dict[str, float]:
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns rank-averaged metrics."""
+    global_token = cfg.train.loss_reduction == "global_token"
+    if global_token:  # count every rank's label tokens of the whole step before any backward (torchtitan style)
+        n_step = D.all_reduce(
+            [sum(label_token_count(b, model.num_image_tokens, model.model_max_length) for b in micro_batches)]
+        )[0]
+    loss_total = torch.zeros((), dtype=torch.float64)
+    tokens_total, empty = 0, 0
+    for batch in micro_batches:
+        loss_sum, n_tok = model(**batch)
+        # The one place the loss is normalised. llava (default, llava-reference.md 4.6): token mean per micro-batch,
+        # / GA here, and FSDP averages over ranks. global_token: sum / all label tokens of the step (FSDP sums).
+        loss = loss_sum / max(n_step, 1.0) if global_token else loss_sum / n_tok.clamp(min=1) / len(micro_batches)
+        loss.backward()
+        n = int(n_tok)
+        empty += n == 0  # a fully masked micro-batch contributes 0 (never NaN); counted and reported
+        tokens_total += n
+        loss_total += loss.detach().double().cpu() * (1 if global_token else len(micro_batches))
+    grad_norm = D.clip_grad_norm(model, cfg.train.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    # Logged loss: llava = mean of micro-batch means over GA and ranks; global_token = step's global token mean.
+    loss_val = float(loss_total) / (1 if global_token else len(micro_batches))
+    loss_val, tokens_total, empty = D.all_reduce([loss_val, tokens_total, empty])
+    loss_val = loss_val if global_token else loss_val / D.world_size()
+    if not math.isfinite(loss_val):
+        raise FloatingPointError(f"loss is {loss_val}: stopping (check labels, --bf16 and the learning rate)")
+    return {"loss": loss_val, "grad_norm": grad_norm, "label_tokens": tokens_total, "empty_micro_batches": empty}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config, info: D.DistInfo):
+    """Meta-device build -> freeze -> checkpointing -> fully_shard -> weights streamed from rank 0."""
+    m, t = cfg.model, cfg.train
+    llm_config = AutoConfig.from_pretrained(m.model_name_or_path)
+    vision_config = CLIPVisionConfig.from_pretrained(m.vision_tower)
+    kw = dict(
+        mm_projector_type=m.mm_projector_type,
+        mm_vision_select_layer=m.mm_vision_select_layer,
+        mm_vision_select_feature=m.mm_vision_select_feature,
+        model_max_length=t.model_max_length,
+        attn_implementation=t.attn_implementation,
+    )
+    with torch.device("meta"):
+        model = build_llava_from_config(llm_config, vision_config, **kw)
+    set_trainable(
+        model,
+        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
+        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
+        freeze_backbone=m.freeze_backbone,
+    )
+    D.print0(parameter_report(model))
+    flops = FlopModel.from_model(model)
+    if t.bf16:  # frozen weights need no fp32 master copy: store them in bf16 (LLaVA moves the tower to bf16 too)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    if t.gradient_checkpointing:
+        D.apply_activation_checkpointing(model.decoder_layers())
+    D.apply_fsdp(
+        model,
+        bf16=t.bf16,
+        reshard_after_forward=t.reshard_after_forward,
+        sum_gradients=t.loss_reduction == "global_token",
+    )
+    state = None
+    if info.is_main:  # only rank 0 reads the weights; the projector is initialised (or loaded) here too
+        state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
+        torch.manual_seed(t.seed)
+        holder = torch.nn.Module()
+        holder.mm_projector = build_projector(m.mm_projector_type, vision_config.hidden_size, llm_config.hidden_size)
+        if m.pretrain_mm_mlp_adapter:
+            load_mm_projector(holder, m.pretrain_mm_mlp_adapter)
+        state.update(holder.state_dict())
+    D.materialize_and_load(model, state, info.device)
+    return model, flops
+
+
+def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo):
+    """LLaVA's dataset + collator; the sampler gives each rank its micro-batches of LLaVA's grouped order."""
+    d, t = cfg.data, cfg.train
+    dataset = LazySupervisedDataset(
+        d.data_path,
+        tokenizer,
+        image_processor,
+        image_folder=d.image_folder,
+        version=cfg.model.version,
+        image_aspect_ratio=d.image_aspect_ratio,
+        model_max_length=t.model_max_length,
+    )
+    lengths = dataset.modality_lengths if t.group_by_modality_length else dataset.lengths
+    sampler = DistributedModalityLengthSampler(
+        lengths,
+        t.per_device_train_batch_size,
+        info.world_size,
+        info.rank,
+        grad_accum=t.gradient_accumulation_steps,
+        seed=t.seed,
+        group_by_modality=t.group_by_modality_length,
+        longest_first=t.longest_first,
+    )
+    collate = DataCollator(pad_token_id=tokenizer.pad_token_id, model_max_length=t.model_max_length)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=t.dataloader_num_workers,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=False,
+    )
+    return loader, sampler
+
+
+def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
+    """Endless (epoch, batch) stream on `device`; set_epoch gives every epoch its own LLaVA order."""
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        epoch += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    if os.environ.get("RANK", "0") != "0":  # flag warnings once, from rank 0
+        warnings.filterwarnings("ignore", category=ConfigWarning)
+    cfg = parse_args(argv)
+    info = D.init_distributed()
+    t = cfg.train
+    try:
+        seed_everything(t.seed)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
+        if info.is_main:
+            D.print0(format_config(cfg))
+            save_config(cfg, t.output_dir)
+        tokenizer = load_tokenizer(cfg.model.model_name_or_path, t.model_max_length)
+        image_processor = load_image_processor(cfg.model.vision_tower)
+        model, flops = build_model(cfg, info)
+        loader, sampler = build_loader(cfg, tokenizer, image_processor, info)
+        ga = t.gradient_accumulation_steps
+        total_steps = num_training_steps(
+            sampler.steps_per_epoch, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps
+        )
+        optimizer, scheduler = build_optimizer(model, t, total_steps)
+        global_batch = t.per_device_train_batch_size * ga * info.world_size
+        D.print0(
+            f"world {info.world_size} | global batch {global_batch} | {len(loader.dataset)} samples | "
+            f"{sampler.steps_per_epoch} steps/epoch | {total_steps} steps"
+        )
+        peak = device_peak_flops(info.device)
+        logger = MetricsLogger(
+            t.output_dir,
+            enabled=info.is_main,
+            total_steps=total_steps,
+            start_step=0,
+            report_to=t.report_to,
+            run_config=cfg.to_dict(),
+        )
+        stream = micro_batch_stream(loader, sampler, 0, info.device)
+        for step in range(total_steps):
+            t0 = time.perf_counter()
+            micro = [next(stream)[1] for _ in range(ga)]
+            t_data = time.perf_counter() - t0
+            lrs = group_lrs(optimizer)  # the lrs this step uses (the scheduler moves them on inside train_step)
+            metrics = train_step(model, micro, optimizer, scheduler, cfg)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize(info.device)
+            dt = time.perf_counter() - t0
+            seq = [n for b in micro for n in sequence_lengths(b, model.num_image_tokens, t.model_max_length)]
+            step_flops, step_tokens = D.all_reduce([sum(map(flops.sample_flops, seq)), sum(seq)])
+            metrics.update(
+                lr=next(iter(lrs.values())),
+                **{f"lr_{name}": lr for name, lr in lrs.items()},
+                step_time=dt,
+                samples_per_s=global_batch / dt,
+                tokens_per_s=step_tokens / dt,
+                data_wait=t_data / dt,
+                peak_mem_gb=peak_memory_gb(info.device),
+                mfu=step_flops / dt / (peak * info.world_size) if peak else None,
+            )
+            logger.advance()
+            if (step + 1) % t.logging_steps == 0 or step == 0:
+                logger.log(step + 1, metrics)
+        logger.close()
+        save_final(model, cfg, tokenizer, torch.bfloat16 if t.bf16 else torch.float32)
+        D.print0(f"done: outputs in {os.path.abspath(t.output_dir)}")
+    finally:
+        D.cleanup(info)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
