@@ -10,9 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast inst
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+import torch
+from PIL import Image
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -20,10 +20,42 @@ SYSTEM = (
 )
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["square", "circle", "triangle"]
-WORDS = (
-    "the a an image picture photo shows describe what is colour color of this shape there on background "
-    "please answer question short long small large one two three yes no it in with and".split()
-)
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "image",
+    "picture",
+    "photo",
+    "shows",
+    "describe",
+    "what",
+    "is",
+    "colour",
+    "color",
+    "of",
+    "this",
+    "shape",
+    "there",
+    "on",
+    "background",
+    "please",
+    "answer",
+    "question",
+    "short",
+    "long",
+    "small",
+    "large",
+    "one",
+    "two",
+    "three",
+    "yes",
+    "no",
+    "it",
+    "in",
+    "with",
+    "and",
+]
 
 
 def _corpus(n: int = 4000) -> list[str]:
