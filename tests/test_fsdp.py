@@ -1,0 +1,92 @@
+"""FSDP2 behaviour of the real trainer: frozen weights stay bit-identical, bf16 mixed precision keeps fp32 masters,
+and a rank whose batches are all text-only neither hangs nor diverges from the others."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_llava_dataset
+from test_train import assets, flags, losses  # noqa: F401  (assets is a fixture)
+
+import train
+from minillava import distributed as D
+from minillava.checkpoint import _full_tensors
+from minillava.config import parse_args
+from minillava.model import pretrained_state_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build(argv):
+    cfg = parse_args(argv)
+    info = D.init_distributed()
+    model, _ = train.build_model(cfg, info)
+    return cfg, info, model
+
+
+def test_stage1_leaves_llm_and_tower_bit_identical(assets, tmp_path):  # noqa: F811
+    cfg, info, model = _build(flags(assets, str(tmp_path / "o"), stage=1, bf16="False", learning_rate="1e-2"))
+    try:
+        loader, sampler = train.build_loader(cfg, *_processors(cfg), info)
+        optimizer, scheduler = train.build_optimizer(model, cfg.train, 3)
+        stream = train.micro_batch_stream(loader, sampler, 0, info.device)
+        before = {n: t.clone() for n, t in _full_tensors(model)}
+        for _ in range(3):
+            train.train_step(model, [next(stream)[1]], optimizer, scheduler, cfg)
+        after = dict(_full_tensors(model))
+        reference = pretrained_state_dict(cfg.model.model_name_or_path, cfg.model.vision_tower)
+        for name, value in after.items():
+            if name.startswith("mm_projector."):
+                assert not torch.equal(value, before[name]), f"{name} did not train"
+            else:
+                assert torch.equal(value, reference[name].to(value.dtype)), f"{name} changed in stage 1"
+    finally:
+        D.cleanup(info)
+
+
+def _processors(cfg):
+    from minillava.data import load_image_processor, load_tokenizer
+
+    return load_tokenizer(cfg.model.model_name_or_path, cfg.train.model_max_length), load_image_processor(
+        cfg.model.vision_tower
+    )
+
+
+def test_bf16_keeps_fp32_masters_and_trains(assets, tmp_path):  # noqa: F811
+    cfg, info, model = _build(flags(assets, str(tmp_path / "o"), stage=2, bf16="True"))
+    try:
+        trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+        assert trainable and set(trainable.values()) == {torch.float32}  # fp32 master weights for the optimizer
+        assert frozen and set(frozen.values()) == {torch.bfloat16}  # the frozen tower needs no master copy
+        loader, sampler = train.build_loader(cfg, *_processors(cfg), info)
+        optimizer, scheduler = train.build_optimizer(model, cfg.train, 2)
+        stream = train.micro_batch_stream(loader, sampler, 0, info.device)
+        for _ in range(2):
+            m = train.train_step(model, [next(stream)[1]], optimizer, scheduler, cfg)
+            assert 0 < m["loss"] < 20 and m["grad_norm"] > 0
+    finally:
+        D.cleanup(info)
+
+
+@pytest.mark.dist
+def test_text_only_rank_does_not_hang(assets, tmp_path):  # noqa: F811
+    """One image sample and one text-only sample, one per rank: the text-only rank still runs the tower and the
+    projector on its zero image, so both ranks issue the same all-gathers and reduce-scatters. Launched with
+    torchrun in a subprocess so a hang fails the test by timeout instead of blocking the suite."""
+    data, images = write_llava_dataset(str(tmp_path / "d"), n_image=1, n_text=1)
+    out = str(tmp_path / "o")
+    argv = flags(assets, out, stage=2, per_device_train_batch_size=1, max_steps=4)
+    argv[argv.index("--data_path") + 1] = data
+    argv[argv.index("--image_folder") + 1] = images
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run([*cmd, os.path.join(REPO, "train.py"), *argv], env=env, timeout=240, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(0 < r["loss"] < 20 for r in rows)
