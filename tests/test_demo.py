@@ -1,0 +1,214 @@
+"""The demo: assets are deterministic LLaVA-format data and loadable HF folders, the colour evaluator scores what it
+should, the demo's flags drive the real trainer, and a stage-2 output folder loads back for evaluation."""
+
+import collections
+import json
+import os
+import re
+import shlex
+
+import pytest
+import torch
+
+from minillava import demo
+from minillava.config import parse_args
+from minillava.constants import IGNORE_INDEX
+from minillava.conversation import preprocess
+from minillava.data import LazySupervisedDataset, load_image_processor, load_tokenizer, open_image, process_image
+from minillava.model import build_llava_from_pretrained
+
+N_TRAIN, N_EVAL = 24, 12
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return demo.make_demo_assets(str(tmp_path_factory.mktemp("demo")), n_train=N_TRAIN, n_eval=N_EVAL, seed=0)
+
+
+def _files(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return out
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_assets_are_deterministic_given_seed(assets, tmp_path):
+    root = os.path.dirname(assets["llm"])
+    again = demo.make_demo_assets(str(tmp_path / "again"), n_train=N_TRAIN, n_eval=N_EVAL, seed=0)
+    first, second = _files(root), _files(os.path.dirname(again["llm"]))
+    assert sorted(first) == sorted(second)
+    assert [k for k in first if first[k] != second[k]] == []  # byte-identical, weights and PNGs included
+    other = demo.make_demo_assets(str(tmp_path / "other"), n_train=N_TRAIN, n_eval=N_EVAL, seed=1)
+    assert _load(other["eval"]) != _load(assets["eval"])
+    assert _files(other["llm"])["model.safetensors"] != first["llm/model.safetensors"]
+
+
+def test_dataset_files_are_llava_format(assets):
+    tokenizer = load_tokenizer(assets["llm"], 512)
+    pretrain, finetune, evaluation = (_load(assets[k]) for k in ("pretrain", "finetune", "eval"))
+    assert len(pretrain) == N_TRAIN and len(evaluation) == N_EVAL
+    text_only = [r for r in finetune if "image" not in r]
+    assert len(finetune) == N_TRAIN + len(text_only) and len(text_only) == max(1, N_TRAIN // 20)
+    assert len({r["id"] for r in pretrain + finetune + evaluation}) == len(pretrain + finetune + evaluation)
+    assert not {r["image"] for r in evaluation} & {r["image"] for r in finetune if "image" in r}  # held out
+    # Held-out colours are balanced over the palette, so a constant guess scores exactly chance.
+    assert collections.Counter(r["colour"] for r in evaluation) == dict.fromkeys(demo.SHAPE_COLOURS, 2)
+    for r in pretrain:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and human["value"].count("<image>") == 1 and gpt["from"] == "gpt"
+        assert re.fullmatch(r"A (\w+) (\w+) on a (white|black) background\.", gpt["value"])
+    assert any(len(r["conversations"]) == 4 for r in finetune)  # multi-turn
+    sizes = set()
+    for version, records in (("plain", pretrain), ("v1", finetune), ("v1", evaluation)):
+        for r in records:
+            roles = [t["from"] for t in r["conversations"]]
+            assert roles == ["human", "gpt"] * (len(roles) // 2)
+            _, labels = preprocess(r["conversations"], tokenizer, version, has_image="image" in r)
+            assert any(t != IGNORE_INDEX for t in labels)
+            if "image" in r:
+                width, height = open_image(os.path.join(assets["image_folder"], r["image"])).size
+                sizes.add(width == height)
+    assert False in sizes  # non-square images exist, so --image_aspect_ratio pad matters
+    # The finetune answer to a colour question names the image's colour (checked against the pretrain caption).
+    colour_of = {r["image"]: r["conversations"][1]["value"].split()[1] for r in pretrain}
+    for r in finetune:
+        for q, a in zip(r["conversations"][::2], r["conversations"][1::2], strict=True):
+            if "colour" in q["value"]:
+                assert a["value"] == demo.ANSWER.format(colour=colour_of[r["image"]])
+
+
+def test_folders_load_with_from_pretrained(assets, tokenizer_dir):
+    from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(assets["llm"])
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, None)
+    text = "<image>\nWhat is the colour of the shape? ASSISTANT: The shape is red.</s>"
+    assert tok(text).input_ids == AutoTokenizer.from_pretrained(tokenizer_dir)(text).input_ids
+    assert "<0x0A>" in tok.convert_ids_to_tokens(tok("a\nb").input_ids)  # newline through byte fallback
+    with (
+        open(os.path.join(assets["llm"], "tokenizer.model"), "rb") as a,
+        open(os.path.join(tokenizer_dir, "tokenizer.model"), "rb") as b,
+    ):
+        assert a.read() == b.read()  # the same tokenizer as the test fixtures build
+    llm = LlamaForCausalLM.from_pretrained(assets["llm"])
+    assert llm.config.vocab_size == len(tok) and not llm.config.tie_word_embeddings
+    tower = CLIPVisionModel.from_pretrained(assets["clip"])
+    processor = load_image_processor(assets["clip"])
+    assert tower.config.image_size == demo.IMAGE_SIZE == processor.crop_size["height"] == processor.crop_size["width"]
+    model = build_llava_from_pretrained(assets["llm"], assets["clip"], mm_projector_type="mlp2x_gelu")
+    ds = LazySupervisedDataset(
+        assets["finetune"],
+        load_tokenizer(assets["llm"], 512),
+        processor,
+        image_folder=assets["image_folder"],
+        version="v1",
+        image_aspect_ratio="pad",
+    )
+    sample = ds[0]
+    loss, n = model(
+        input_ids=sample["input_ids"][None],
+        labels=sample["labels"][None],
+        attention_mask=torch.ones_like(sample["input_ids"][None], dtype=torch.bool),
+        pixel_values=sample["pixel_values"][None],
+    )
+    assert torch.isfinite(loss) and n > 0
+
+
+class OracleModel(torch.nn.Module):
+    """Answers from a lookup of the true colour by pixel values: loss 0 for the true colour, 1 otherwise (or the
+    reverse with liar=True). Records the supervised text of every candidate it is asked to score."""
+
+    model_max_length = 512
+
+    def __init__(self, truth, tokenizer, liar=False):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.truth, self.tokenizer, self.liar, self.seen = truth, tokenizer, liar, []
+
+    def forward(self, input_ids, labels, attention_mask, pixel_values):
+        assert input_ids.shape[0] == 1 and attention_mask.all()
+        colour = self.truth[pixel_values[0].numpy().tobytes()]
+        text = self.tokenizer.decode([t for t in labels[0].tolist() if t != IGNORE_INDEX])
+        self.seen.append(text)
+        wrong = colour not in text.split(".")[0].split()
+        return torch.tensor(float(wrong != self.liar)), torch.tensor(len(text))
+
+
+def _truth(assets, processor, aspect):
+    return {
+        process_image(open_image(os.path.join(assets["image_folder"], r["image"])), processor, aspect)
+        .numpy()
+        .tobytes(): r["colour"]
+        for r in _load(assets["eval"])
+    }
+
+
+@pytest.mark.parametrize("version, aspect", [("v1", "pad"), ("plain", "square")])
+def test_evaluator_scores_the_answer_for_the_right_image(assets, version, aspect):
+    tokenizer, processor = load_tokenizer(assets["llm"], 512), load_image_processor(assets["clip"])
+    args = (tokenizer, processor, assets["eval"], assets["image_folder"])
+    oracle = OracleModel(_truth(assets, processor, aspect), tokenizer)
+    assert demo.evaluate_colour_accuracy(oracle, *args, version=version, image_aspect_ratio=aspect) == 1.0
+    first = _load(assets["eval"])[0]
+    if version == "v1":  # exactly the training answer, with its closing </s>, and nothing of the prompt
+        expected = [demo.ANSWER.format(colour=c) + "</s>" for c in demo.SHAPE_COLOURS]
+    else:  # stage 1's target: the caption and the plain separator
+        expected = [demo.CAPTION.format(colour=c, shape=first["shape"], background=first["background"]) + "\n"
+                    for c in demo.SHAPE_COLOURS]  # fmt: skip
+    assert oracle.seen[: len(expected)] == expected
+    liar = OracleModel(oracle.truth, tokenizer, liar=True)
+    assert demo.evaluate_colour_accuracy(liar, *args, version=version, image_aspect_ratio=aspect) == 0.0
+
+
+def test_evaluator_chance_for_a_model_that_ignores_the_answer(assets):
+    """A real (untrained) LlavaModel whose scores do not depend on the image is at chance; a constant scorer picks
+    the first colour on every image, which the balanced eval set scores at exactly 1 / len(colours)."""
+    tokenizer, processor = load_tokenizer(assets["llm"], 512), load_image_processor(assets["clip"])
+    args = (tokenizer, processor, assets["eval"], assets["image_folder"])
+    constant = OracleModel({k: "none" for k in _truth(assets, processor, "pad")}, tokenizer)
+    assert demo.evaluate_colour_accuracy(constant, *args) == 1 / len(demo.SHAPE_COLOURS)
+    model = build_llava_from_pretrained(assets["llm"], assets["clip"], mm_projector_type="mlp2x_gelu")
+    model.train()
+    accuracy = demo.evaluate_colour_accuracy(model, *args)
+    assert 0.0 <= accuracy <= 1.0 and model.training  # training mode restored
+    bad = os.path.join(os.path.dirname(assets["eval"]), "bad.json")
+    with open(bad, "w") as f:
+        json.dump([{**_load(assets["eval"])[0], "id": "x", "colour": "pink"}], f)
+    with pytest.raises(ValueError, match=r"id='x'.*bad\.json.*colour"):
+        demo.evaluate_colour_accuracy(model, tokenizer, processor, bad, assets["image_folder"])
+
+
+def _shell_commands(text, out):
+    """The torchrun command lines of a bash script, continuations joined and $OUT substituted."""
+    joined = text.replace("\\\n", " ").replace('"$OUT', out).replace('$OUT"', "").replace('"', "")
+    return [shlex.split(line) for line in joined.splitlines() if line.startswith("torchrun")]
+
+
+def _flags(argv):
+    i = argv.index("train.py")
+    rest = argv[i + 1 :]
+    return dict(zip(rest[::2], rest[1::2], strict=True))
+
+
+def test_demo_sh_runs_the_printed_commands_and_they_parse(assets, capsys):
+    with open(os.path.join(ROOT, "configs", "demo.sh")) as f:
+        script = f.read()
+    out = "/x/demo_out"
+    from_script = [_flags(c) for c in _shell_commands(script, out)]
+    printed = [_flags(shlex.split(c)) for c in demo.training_commands(out)]
+    assert from_script == printed and len(printed) == 2
+    assert "python -m minillava.demo --out" in script and "--evaluate --checkpoint" in script
+    for stage, flags in enumerate(printed, 1):
+        cfg = parse_args([x for kv in flags.items() for x in kv])
+        assert cfg.train.stage == stage and cfg.train.bf16 is False and cfg.train.learning_rate == 1e-3
+        assert cfg.model.model_name_or_path == f"{out}/llm" and cfg.data.image_folder == f"{out}/data"
+    assert cfg.model.pretrain_mm_mlp_adapter == f"{out}/stage1/mm_projector.bin"
+    assert cfg.data.image_aspect_ratio == "pad" and cfg.model.version == "v1"
