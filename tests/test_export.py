@@ -1,0 +1,207 @@
+"""Export to llava-hf and import back, on checkpoints written by the real trainer (train.main, 1 step, fp32):
+transformers' LlavaForConditionalGeneration (chat template -> processor -> model) gives minillava's logits, and
+minillava -> export -> import gives back the same state."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import draw_shape
+from safetensors.torch import load_file, save_file
+from test_train import assets, flags  # noqa: F401 (assets is a fixture)
+from transformers import AutoProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
+
+import train
+from minillava import export
+from minillava.constants import IMAGE_TOKEN_INDEX
+from minillava.conversation import build_inference_prompt, tokenizer_image_token
+from minillava.data import load_image_processor, load_tokenizer, process_image
+from minillava.generate import load_model
+from minillava.weights import pretrained_state_dict, to_llava_key
+
+QUESTION = "What is the colour of the shape?"
+VARIANTS = {  # LLaVA-1.5 (patch, layer -2, pad) and the other branches (cls_patch -> "full", last layer, square)
+    "v15": {},
+    "cls_last_square": dict(
+        mm_vision_select_feature="cls_patch", mm_vision_select_layer=-1, image_aspect_ratio="square"
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def ckpt(request, assets, tmp_path_factory):  # noqa: F811
+    """(stage-2 LLaVA-format folder written by train.main, its llava-hf export)."""
+    root = tmp_path_factory.mktemp(request.param)
+    stage2, hf = str(root / "stage2"), str(root / "hf")
+    train.main(flags(assets, stage2, stage=2, max_steps=1, **VARIANTS[request.param]))
+    export.main(["--checkpoint", stage2, "--output", hf])
+    return stage2, hf
+
+
+def read_folder(path):
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        files = set(json.load(f)["weight_map"].values())
+    return {k: v for name in files for k, v in load_file(os.path.join(path, name)).items()}
+
+
+def test_logits_match_transformers(ckpt):
+    """Same image + question: the HF pipeline's ids are minillava's with <image> expanded to P image tokens, the pixel
+    values are bit-identical, and so are the logits on CPU fp32 (measured max |diff| 0.0; asserted <= 1e-5)."""
+    stage2, hf = ckpt
+    ours, settings = load_model(stage2)
+    tokenizer = load_tokenizer(stage2, settings.model_max_length)
+    ids = torch.tensor([tokenizer_image_token(build_inference_prompt(QUESTION, "v1", True), tokenizer)])
+    img = draw_shape("red", "circle", size=(40, 26))
+    pixels = process_image(img, load_image_processor(settings.vision_tower), settings.image_aspect_ratio)[None]
+    with torch.no_grad():
+        embeds, _, mask, pos = ours.embed_inputs(ids, torch.ones_like(ids, dtype=torch.bool), pixels)
+        want = ours.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits  # (1, T2, V)
+
+    model = LlavaForConditionalGeneration.from_pretrained(hf).eval()
+    processor = AutoProcessor.from_pretrained(hf, backend="pil")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=img, text=text, return_tensors="pt")
+    image_id, P = model.config.image_token_index, ours.num_image_tokens
+    expanded = [t for i in ids[0].tolist() for t in ([image_id] * P if i == IMAGE_TOKEN_INDEX else [i])]
+    assert inputs.input_ids[0].tolist() == expanded
+    assert torch.equal(inputs.pixel_values, pixels)
+    with torch.no_grad():
+        got = model(**inputs).logits  # (1, T2, V + 64)
+    vocab = want.shape[-1]
+    assert got.shape[:2] == want.shape[:2] and got.shape[-1] == vocab + 64
+    torch.testing.assert_close(got[..., :vocab], want, rtol=0, atol=1e-5)
+
+
+def test_config_tokens_and_new_rows(ckpt, tmp_path):
+    stage2, hf = ckpt
+    settings = export.read_settings(stage2)
+    conf = LlavaForConditionalGeneration.from_pretrained(hf).config
+    assert (conf.image_token_index, conf.pad_token_id, conf.text_config.vocab_size) == (512, 513, 576)
+    assert conf.vision_feature_layer == settings.mm_vision_select_layer and conf.projector_hidden_act == "gelu"
+    full = settings.mm_vision_select_feature == "cls_patch"
+    assert conf.vision_feature_select_strategy == ("full" if full else "default")
+    assert conf.image_seq_length == 4 + full and not conf.tie_word_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [512, 513] and tokenizer.pad_token == "<pad>"
+    processor = AutoProcessor.from_pretrained(hf, backend="pil")
+    assert processor.image_processor.do_pad == (settings.image_aspect_ratio == "pad")
+    # Old rows kept exactly; new rows near the old rows' mean (N(mu, 1e-5 Sigma)); reproducible for a seed.
+    old, new = read_folder(stage2), load_file(os.path.join(hf, "model.safetensors"))
+    for ours, theirs in (("model.embed_tokens.weight", "language_model.model.embed_tokens.weight"),
+                         ("lm_head.weight", "language_model.lm_head.weight")):  # fmt: skip
+        w, rows = new[theirs][:512], new[theirs][512:]
+        assert torch.equal(w, old[ours]) and rows.shape == (64, 32)
+        assert (rows - w.mean(0)).norm(dim=1).max() < 0.05 * (w - w.mean(0)).norm(dim=1).mean()
+        assert len(set(map(tuple, rows.tolist()))) == 64  # distinct samples
+    export.export_llava_hf(str(tmp_path / "again"), checkpoint=stage2)
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in new.items())
+
+
+def test_chat_template_renders_v1(ckpt):
+    processor = AutoProcessor.from_pretrained(ckpt[1], backend="pil")
+    image_q = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    one = processor.apply_chat_template([{"role": "user", "content": image_q}], add_generation_prompt=True)
+    assert one.replace("<image> \n", "<image>\n") == build_inference_prompt(QUESTION, "v1", True)
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": image_q},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "And the shape?"},
+    ]
+    two = processor.apply_chat_template(turns, add_generation_prompt=True)
+    assert two == f"Be brief. USER: <image> \n{QUESTION} ASSISTANT: Red.</s>USER: And the shape? ASSISTANT:"
+
+
+def test_import_llava_folder_is_the_trainers_files(ckpt, assets):  # noqa: F811
+    """Independent of the export: our names mapped back with the trainer's own to_llava_key give the saved files."""
+    llm_config, vision_config, state = export.load_llava_checkpoint_state(ckpt[0])
+    files = read_folder(ckpt[0])
+    assert sorted(map(to_llava_key, state)) == sorted(files)
+    assert all(torch.equal(files[to_llava_key(k)], v) for k, v in state.items())
+    base = LlamaConfig.from_pretrained(assets["llm"])
+    ignore = {"dtype": None, "architectures": None}  # LLaVA's config says LlavaLlamaForCausalLM
+    assert llm_config.to_dict() | ignore == base.to_dict() | ignore
+    assert vision_config.to_dict() == CLIPVisionConfig.from_pretrained(assets["clip"]).to_dict()
+
+
+HUB_LAYOUTS = {  # key renames from what transformers 5 save_pretrained writes (the <= 4.51 layout)
+    "saved": [],
+    "hub_clip": [("vision_tower.", "vision_tower.vision_model.")],  # llava-hf/llava-1.5-7b-hf
+    "in_memory": [
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ],
+}
+
+
+@pytest.mark.parametrize("layout", list(HUB_LAYOUTS))
+def test_round_trip_minillava_export_import(ckpt, tmp_path, layout):
+    stage2, hf = ckpt
+    want_llm, want_vision, want = export.load_llava_checkpoint_state(stage2)
+    if HUB_LAYOUTS[layout]:
+        hf_copy = str(tmp_path / "hf")
+        shutil.copytree(hf, hf_copy)
+        state = load_file(os.path.join(hf, "model.safetensors"))
+        for old, new in HUB_LAYOUTS[layout]:
+            state = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in state.items()}
+        save_file(state, os.path.join(hf_copy, "model.safetensors"))
+        hf = hf_copy
+    llm_config, vision_config, got = export.load_llava_checkpoint_state(hf)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert llm_config.vocab_size == 512 and llm_config.pad_token_id == want_llm.pad_token_id == 0
+    assert vision_config.to_dict() == want_vision.to_dict()
+    s, t = export.read_settings(hf), export.read_settings(stage2)
+    fields = ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "image_aspect_ratio")
+    assert [getattr(s, f) for f in fields] == [getattr(t, f) for f in fields]
+
+
+def test_export_from_base_llm_and_stage1_adapter(assets, tmp_path):  # noqa: F811
+    s1, hf = str(tmp_path / "s1"), str(tmp_path / "hf")
+    train.main(flags(assets, s1, stage=1, max_steps=1))
+    adapter = os.path.join(s1, "mm_projector.bin")
+    argv = ["--model_name_or_path", assets["llm"], "--pretrain_mm_mlp_adapter", adapter, "--output", hf]
+    export.main([*argv, "--vision_tower", assets["clip"]])
+    _, _, state = export.load_llava_checkpoint_state(hf)
+    base = pretrained_state_dict(assets["llm"], assets["clip"])
+    projector = torch.load(adapter, weights_only=True)
+    assert state.keys() == base.keys() | {k.removeprefix("model.") for k in projector}
+    assert all(torch.equal(state[k], v) for k, v in base.items())
+    assert all(torch.equal(state[k.removeprefix("model.")], v) for k, v in projector.items())
+    assert not AutoProcessor.from_pretrained(hf, backend="pil").image_processor.do_pad  # stage 1 trains "square"
+
+
+def test_import_fills_a_missing_tower_copy_from_the_clip_folder(ckpt, tmp_path):
+    """LLaVA's FSDP path (and some released checkpoints) save no CLIP copy: it comes from mm_vision_tower."""
+    stage2 = str(tmp_path / "stage2")
+    shutil.copytree(ckpt[0], stage2)
+    name = next(f for f in os.listdir(stage2) if f.endswith(".safetensors"))
+    state = {k: v for k, v in load_file(os.path.join(stage2, name)).items() if "vision_tower" not in k}
+    save_file(state, os.path.join(stage2, name))
+    _, _, got = export.load_llava_checkpoint_state(stage2)
+    _, _, want = export.load_llava_checkpoint_state(ckpt[0])
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_errors(ckpt, assets, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="not a llava-hf or LLaVA-format"):
+        export.load_llava_checkpoint_state(assets["llm"])
+    with pytest.raises(ValueError, match="LLaVA-format stage-2 folder"):
+        export.export_llava_hf(str(tmp_path / "x"), checkpoint=ckpt[1])
+    with pytest.raises(ValueError, match="--checkpoint, or all of"):
+        export.export_llava_hf(str(tmp_path / "x"), model_name_or_path=assets["llm"])
+    bad = str(tmp_path / "bad")
+    shutil.copytree(ckpt[0], bad)
+    with open(os.path.join(bad, "config.json")) as f:
+        conf = json.load(f)
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump({**conf, "mm_vision_tower": str(tmp_path / "missing"), "mm_projector_type": "linear"}, f)
+    with pytest.raises(ValueError, match="pass --vision_tower"):
+        export.load_llava_checkpoint_state(bad)
+    with pytest.raises(ValueError, match="mlp2x_gelu only"):
+        export.export_llava_hf(str(tmp_path / "x"), checkpoint=bad, vision_tower=assets["clip"])
