@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, CLIPVisionConfig
 
 from minillava import distributed as D
-from minillava.checkpoint import save_final
+from minillava.checkpoint import Checkpointer, save_final
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
 from minillava.metrics import (
@@ -157,6 +157,7 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo):
         num_workers=t.dataloader_num_workers,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(t.seed),  # worker seeds off the global RNG: resume stays exact
     )
     return loader, sampler
 
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
             sampler.steps_per_epoch, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps
         )
         optimizer, scheduler = build_optimizer(model, t, total_steps)
+        dtype = torch.bfloat16 if t.bf16 else torch.float32  # of the saved weights (LLaVA's: the training dtype)
+        ckpt = Checkpointer(cfg, model, optimizer, scheduler, sampler, len(loader.dataset), dtype)
+        start = ckpt.resume()  # 0 unless --resume_from_checkpoint finds a checkpoint
         global_batch = t.per_device_train_batch_size * ga * info.world_size
         D.print0(
             f"world {info.world_size} | global batch {global_batch} | {len(loader.dataset)} samples | "
@@ -202,12 +206,12 @@ def main(argv: list[str] | None = None) -> None:
             t.output_dir,
             enabled=info.is_main,
             total_steps=total_steps,
-            start_step=0,
+            start_step=start,
             report_to=t.report_to,
             run_config=cfg.to_dict(),
         )
-        stream = micro_batch_stream(loader, sampler, 0, info.device)
-        for step in range(total_steps):
+        stream = micro_batch_stream(loader, sampler, sampler.epoch, info.device)
+        for step in range(start, total_steps):
             t0 = time.perf_counter()
             micro = [next(stream)[1] for _ in range(ga)]
             t_data = time.perf_counter() - t0
@@ -231,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
             logger.advance()
             if (step + 1) % t.logging_steps == 0 or step == 0:
                 logger.log(step + 1, metrics)
+            ckpt.save_if_due(step + 1)
         logger.close()
-        save_final(model, cfg, tokenizer, torch.bfloat16 if t.bf16 else torch.float32)
+        save_final(model, cfg, tokenizer, dtype)
         D.print0(f"done: outputs in {os.path.abspath(t.output_dir)}")
     finally:
         D.cleanup(info)

@@ -1,21 +1,73 @@
-"""Final outputs in LLaVA's formats (llava-reference.md 8), gathered from FSDP2 shards one tensor at a time.
+"""Resumable checkpoints (torch.distributed.checkpoint, sharded) and the final outputs in LLaVA's formats (ref 8).
 
-stage 1 -> output_dir/mm_projector.bin (torch.save dict, keys model.mm_projector.*) + config.json
-stage 2 -> output_dir as an HF folder: config.json (model_type llava_llama, mm_* fields), sharded safetensors +
+Every --save_steps, output_dir/checkpoint-N/ (each rank writes its own shards; the model is never gathered):
+  .metadata, __<rank>_0.distcp    DCP: trainable params (frozen ones are re-read from the pretrained folders on
+                                  resume) and the optimizer state of the params that have one
+  trainer_state.json              step, scheduler, sampler position, the run's shape (world x GA x batch, data length)
+  rng_state_<rank>.pth            python / numpy / torch / cuda RNG of every rank
+  minillava_config.json           the resolved config
+  mm_projector.bin, config.json   stage 1 only: LLaVA's mid-run stage-1 files (ref 8.1)
+  COMPLETE                        written last
+Atomic: all of it goes to checkpoint-N.tmp-XXXX, COMPLETE last, then one directory rename. Resume only takes
+checkpoint-N directories holding COMPLETE, so a kill at any moment leaves every earlier checkpoint usable.
+
+Final (ref 8.1/8.2), gathered one tensor at a time and written by rank 0 through a staging directory:
+stage 1 -> output_dir/mm_projector.bin (keys model.mm_projector.*) + config.json
+stage 2 -> output_dir as an HF folder: config.json (llava_llama, mm_* fields), model-0000x-of-0000y.safetensors +
            index with LLaVA's key names, generation_config.json, tokenizer files.
-Every file is written to a temporary name and renamed, so a crash never leaves a half-written output."""
+"""
 
 import json
+import math
 import os
+import random
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
+from minillava.config import CONFIG_NAME
 from minillava.model import to_llava_key
+
+MARKER = "COMPLETE"
+STATE_NAME = "trainer_state.json"
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen keys are absent on purpose
+CRASH_HOOK = "MINILLAVA_TEST_CRASH_IN_SAVE"  # tests only: =N makes every rank os._exit in save N before COMPLETE
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _atomic(path: str, write) -> None:
@@ -24,24 +76,278 @@ def _atomic(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def _full_tensors(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full CPU tensor) for every parameter/buffer of the state dict whose name starts with `prefix`.
-    Every rank must call this (each DTensor.full_tensor() is an all-gather); only rank 0 should keep the results."""
-    for name, value in model.state_dict().items():
+def _write_json(path: str, obj: dict) -> None:
+    _atomic(path, lambda tmp: _write(tmp, json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _tmp_dir(parent: str, prefix: str) -> str:
+    """A fresh directory inside `parent` (same filesystem, so the final rename is atomic), made by rank 0."""
+    path = None
+    if _rank0():
+        os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):  # leftovers of a killed save; only this run writes here
+            if _LEFTOVER.fullmatch(name):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o777 & ~umask)  # mkdtemp's 0700 would hide checkpoints from the other users of a cluster
+    return _broadcast(path)
+
+
+# ---------------------------------------------------------------------------------------------- resumable state
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint-N in output_dir that holds its COMPLETE marker, oldest first."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        path = os.path.join(output_dir, name)
+        if (m := _CHECKPOINT.fullmatch(name)) and os.path.isfile(os.path.join(path, MARKER)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(spec: str | None, output_dir: str) -> str | None:
+    """--resume_from_checkpoint: None -> None; auto -> newest complete checkpoint or None; PATH -> PATH if complete."""
+    if not spec:
+        return None
+    if spec == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    if not os.path.isfile(os.path.join(spec, MARKER)):
+        why = "no such directory" if not os.path.isdir(spec) else f"no {MARKER} marker: its save was interrupted"
+        raise ValueError(f"--resume_from_checkpoint {spec}: not a complete checkpoint ({why}); pass another or auto")
+    return spec
+
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached),  # lists: the file loads with weights_only=True
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Sharded optimizer state keyed by parameter names. Params without state (no gradient yet) have no entry.
+    get_optimizer_state_dict fills an empty optimizer with a zero-lr step first; undo that (it would set every
+    param's AdamW step count to 1, changing later updates): nothing is lost, the state was empty."""
+    fresh = not optimizer.state
+    osd = get_optimizer_state_dict(model, optimizer)
+    if fresh:
+        optimizer.state.clear()
+        osd["state"] = {}
+    return osd
+
+
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, saved: set[str]) -> None:
+    """Restore exactly the saved optimizer state: params without a saved entry end with no state (AdamW creates it
+    at their first gradient, as in the uninterrupted run) instead of the zero-lr step's placeholder."""
+    osd = get_optimizer_state_dict(model, optimizer)  # the fresh optimizer: a placeholder entry for every param
+    osd["state"] = {fqn: s for fqn, s in osd["state"].items() if all(f"optimizer.state.{fqn}.{k}" in saved for k in s)}
+    dcp.load({"optimizer": osd}, checkpoint_id=path)
+    # load_state_dict replaces the whole state, so the placeholders of params missing from osd are dropped.
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(strict=False))
+
+
+class Checkpointer:
+    """The run's save/resume: train.py calls resume() once before the loop and save_if_due(step) after each step.
+
+    The sampler position saved is the loop's own (DataLoader workers draw ahead of it): step // steps_per_epoch,
+    step % steps_per_epoch x GA micro-batches."""
+
+    def __init__(self, cfg, model: nn.Module, optimizer, scheduler, sampler, dataset_length: int, dtype) -> None:
+        self.cfg, self.model, self.optimizer, self.scheduler, self.sampler = cfg, model, optimizer, scheduler, sampler
+        self.dtype = dtype  # of mm_projector.bin
+        t = cfg.train
+        self.shape = {
+            "world_size": dist.get_world_size(),
+            "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "per_device_train_batch_size": t.per_device_train_batch_size,
+            "dataset_length": dataset_length,
+        }
+
+    def save_if_due(self, step: int) -> None:
+        if self.cfg.train.save_steps > 0 and step % self.cfg.train.save_steps == 0:
+            self.save(step)
+
+    def save(self, step: int) -> str:
+        """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path."""
+        t, rank = self.cfg.train, dist.get_rank()
+        tmp = _tmp_dir(t.output_dir, f"checkpoint-{step}.tmp-")
+        state = {"model": get_model_state_dict(self.model, options=TRAINABLE)}
+        state["optimizer"] = _optimizer_state(self.model, self.optimizer)
+        dcp.save(state, checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{rank}.pth"))
+        if self.cfg.model.tune_mm_mlp_adapter:
+            save_projector(self.model, os.path.join(tmp, "mm_projector.bin"), self.dtype)
+        if rank == 0:
+            spe = self.sampler.steps_per_epoch
+            sampler = {"epoch": step // spe, "position": step % spe * t.gradient_accumulation_steps}
+            trainer = {"step": step, "sampler": sampler, "scheduler": self.scheduler.state_dict(), "run": self.shape}
+            _write_json(os.path.join(tmp, STATE_NAME), trainer)
+            _write_json(os.path.join(tmp, CONFIG_NAME), self.cfg.to_dict())
+            if self.cfg.model.tune_mm_mlp_adapter:
+                _write_json(os.path.join(tmp, "config.json"), llava_config(self.model, self.cfg, self.dtype))
+        dist.barrier()  # every rank's files are in tmp
+        if os.environ.get(CRASH_HOOK) == str(step):
+            os._exit(1)  # test hook: as if killed mid-save
+        final = os.path.join(t.output_dir, f"checkpoint-{step}")
+        if rank == 0:
+            _write(os.path.join(tmp, MARKER), f"{step}\n")
+            _replace_dir(tmp, final)
+            _rotate(t.output_dir, t.save_total_limit, keep=final)
+        dist.barrier()
+        return final
+
+    def resume(self) -> int:
+        """Restore --resume_from_checkpoint (auto | PATH) if given; returns the step to continue from (0: fresh)."""
+        t = self.cfg.train
+        path = _broadcast(find_checkpoint(t.resume_from_checkpoint, t.output_dir) if _rank0() else None)
+        if path is None:
+            if t.resume_from_checkpoint:
+                _print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}; starting fresh")
+            return 0
+        state = _read_json(os.path.join(path, STATE_NAME))
+        self._check_shape(state["run"], path)
+        self._report_config_changes(path)
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        model_sd = get_model_state_dict(self.model, options=TRAINABLE)
+        ours, theirs = set(model_sd), {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+        if ours != theirs:
+            raise ValueError(
+                f"cannot resume from {path}: trainable parameters differ (missing there: {sorted(ours - theirs)[:3]}, "
+                f"extra there: {sorted(theirs - ours)[:3]}); did --stage, --tune_mm_mlp_adapter or --freeze_* change?"
+            )
+        dcp.load({"model": model_sd}, checkpoint_id=path)
+        set_model_state_dict(self.model, model_sd, options=TRAINABLE_LOAD)
+        _load_optimizer(self.model, self.optimizer, path, saved)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        rng = os.path.join(path, f"rng_state_{dist.get_rank()}.pth")
+        if os.path.isfile(rng):  # absent when the world size changed (allowed if world x GA x batch did not)
+            _set_rng_state(torch.load(rng, weights_only=True))
+        if _rank0():
+            _trim_metrics(t.output_dir, state["step"])
+        s = state["sampler"]
+        _print0(f"resumed from {path}: step {state['step']}, epoch {s['epoch']}, micro-batch {s['position']}")
+        return state["step"]
+
+    def _check_shape(self, old: dict, path: str) -> None:
+        """Refuse when the data order or the step count would change: global batch or dataset length differ."""
+        keys = ("world_size", "gradient_accumulation_steps", "per_device_train_batch_size")
+        desc = lambda r: " x ".join(str(r[k]) for k in keys) + f" = {math.prod(r[k] for k in keys)}"  # noqa: E731
+        changed = []
+        if math.prod(old[k] for k in keys) != math.prod(self.shape[k] for k in keys):
+            changed.append(f"world_size x gradient_accumulation_steps x per_device_train_batch_size was {desc(old)}, "
+                           f"now {desc(self.shape)}")  # fmt: skip
+        if old["dataset_length"] != self.shape["dataset_length"]:
+            changed.append(f"the dataset had {old['dataset_length']} samples, now {self.shape['dataset_length']}")
+        if changed:
+            raise ValueError(
+                f"cannot resume from {path}: {'; '.join(changed)}. The checkpoint's sampler position and step count "
+                "would no longer match the data order; restore those settings or start a new --output_dir"
+            )
+
+    def _report_config_changes(self, path: str) -> None:
+        old, new = _read_json(os.path.join(path, CONFIG_NAME)), self.cfg.to_dict()
+        skip = {"output_dir", "resume_from_checkpoint"}
+        diffs = [f"{s}.{k}: {v!r} -> {new[s][k]!r}" for s, d in old.items() for k, v in d.items()
+                 if k not in skip and new[s].get(k) != v]  # fmt: skip
+        if diffs:
+            _print0(f"resuming with changed settings (checkpoint -> now): {', '.join(diffs)}")
+
+
+def _print0(msg: str) -> None:
+    if _rank0():
+        print(msg, flush=True)
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Rename tmp to final; an existing final (a re-run of the same step) is moved aside first, then deleted."""
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=os.path.basename(final) + ".old-", dir=os.path.dirname(final))
+        os.replace(final, old)  # replaces the empty directory mkdtemp made
+    os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rotate(output_dir: str, limit: int | None, keep: str) -> None:
+    """Delete the oldest complete checkpoints beyond --save_total_limit (never `keep`, the one just written).
+    Each is first renamed out of the checkpoint-N pattern, so a kill mid-delete cannot leave a damaged one."""
+    if not limit:
+        return
+    found = [p for _, p in complete_checkpoints(output_dir)]
+    for path in [p for p in found[: max(len(found) - limit, 0)] if p != keep]:
+        doomed = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=output_dir)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _trim_metrics(output_dir: str, step: int) -> None:
+    """Drop metrics.jsonl records after `step`: a killed run may have logged steps the resumed run repeats."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        _atomic(path, lambda tmp: _write(tmp, "".join(keep)))
+
+
+# ---------------------------------------------------------------------------------------------- final outputs
+
+
+def _full_tensors(model: nn.Module, prefix: str = "", device: str | None = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) for every parameter/buffer of the state dict whose name starts with `prefix`, moved
+    to `device` (None: left where the all-gather put it, for ranks that discard it). Every rank must iterate: each
+    DTensor.full_tensor() is an all-gather. Only one full tensor exists at a time."""
+    for name, value in get_model_state_dict(model).items():  # sharded views, nothing gathered yet
         if not name.startswith(prefix):
             continue
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        yield name, value.detach().to("cpu")
+        yield name, value.detach() if device is None else value.detach().to(device)
 
 
-def llava_config(model: nn.Module, cfg) -> dict:
+def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
     """The LLM's config.json plus LLaVA's mm_* fields (llava-reference.md 8.4), model_type llava_llama."""
     conf = model.llm.config.to_dict()
     m, d, t = cfg.model, cfg.data, cfg.train
+    dtype_name = str(dtype).removeprefix("torch.")
     conf.update(
         model_type="llava_llama",
         architectures=["LlavaLlamaForCausalLM"],
+        dtype=dtype_name,  # of the saved weights (the in-memory LLM config says float32)
+        torch_dtype=dtype_name,  # the key transformers 4.x (LLaVA's loader) reads
         mm_vision_tower=m.vision_tower,
         use_mm_proj=True,
         mm_projector_type=m.mm_projector_type,
@@ -63,66 +369,80 @@ def llava_config(model: nn.Module, cfg) -> dict:
     return conf
 
 
-def _write_json(path: str, obj: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-
-    _atomic(path, write)
-
-
 def save_projector(model: nn.Module, path: str, dtype: torch.dtype) -> None:
     """Write LLaVA's mm_projector.bin (keys model.mm_projector.{0,2}.{weight,bias}). Collective: call on all ranks."""
     state = {to_llava_key(n): t.to(dtype) for n, t in _full_tensors(model, "mm_projector.")}
-    if dist.get_rank() == 0:
+    if _rank0():
         _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, streamed shard by shard so rank 0 never
-    holds more than one shard (plus one tensor) of the gathered model. Collective: call on all ranks."""
-    out = cfg.train.output_dir
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        os.makedirs(out, exist_ok=True)
-    if cfg.model.tune_mm_mlp_adapter:
-        save_projector(model, os.path.join(out, "mm_projector.bin"), dtype)
-    else:
-        shards: list[tuple[str, list[str]]] = []
-        buf: dict[str, torch.Tensor] = {}
-        size = 0
+def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    """Stream the full model into model-0000x-of-0000y.safetensors in `out` (rank 0 writes, every rank gathers),
+    HF's rule: a tensor that would overflow the current shard starts the next one. Rank 0 holds at most one shard
+    plus one gathered tensor. Returns the index (LLaVA key -> file, total tensor bytes) on rank 0."""
+    shards: list[list[str]] = []
+    buf: dict[str, torch.Tensor] = {}
+    size = total = 0
 
-        def flush() -> None:
-            nonlocal buf, size
-            name = f"model-{len(shards) + 1:05d}.safetensors"
-            if rank0:
-                _atomic(os.path.join(out, name), lambda tmp, b=buf: save_file(b, tmp, metadata={"format": "pt"}))
-            shards.append((name, list(buf)))
-            buf, size = {}, 0
+    def flush() -> None:
+        nonlocal buf, size
+        save_file(buf, os.path.join(out, f"part-{len(shards)}"), metadata={"format": "pt"})
+        os.chmod(os.path.join(out, f"part-{len(shards)}"), 0o644)  # safetensors creates 0600 files
+        shards.append(list(buf))
+        buf, size = {}, 0
 
-        for name, t in _full_tensors(model):
-            if not rank0:
-                continue
-            buf[to_llava_key(name)] = t.to(dtype).contiguous()
-            size += t.numel() * dtype.itemsize
-            if size >= max_shard_bytes:
-                flush()
-        if buf or not shards:
+    rank0 = _rank0()
+    for name, t in _full_tensors(model, device="cpu" if rank0 else None):
+        if not rank0:
+            continue
+        t = t.to(dtype).contiguous()
+        if buf and size + t.nbytes > max_shard_bytes:
             flush()
-        if rank0:
-            # Rename to HF's model-0000x-of-0000y names once the shard count is known, then write the index.
-            n, weight_map, total = len(shards), {}, 0
-            for i, (name, keys) in enumerate(shards, 1):
-                final = f"model-{i:05d}-of-{n:05d}.safetensors"
-                os.replace(os.path.join(out, name), os.path.join(out, final))
-                weight_map.update(dict.fromkeys(keys, final))
-            total = sum(os.path.getsize(os.path.join(out, f)) for f in set(weight_map.values()))
-            _write_json(
-                os.path.join(out, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map},
-            )
-            model.llm.generation_config.save_pretrained(out)
-            tokenizer.save_pretrained(out)
+        buf[to_llava_key(name)] = t
+        size += t.nbytes
+        total += t.nbytes
+    weight_map: dict[str, str] = {}
     if rank0:
-        _write_json(os.path.join(out, "config.json"), llava_config(model, cfg))
+        flush()
+        for i, keys in enumerate(shards):
+            final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(os.path.join(out, f"part-{i}"), os.path.join(out, final))
+            weight_map.update(dict.fromkeys(keys, final))
+    return {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
+def _publish(stage: str, out: str) -> None:
+    """Move the staged files into `out`, index and config.json last; remove shards of an earlier save that the new
+    index does not list. Every file was complete before its rename."""
+    names = sorted(os.listdir(stage), key=lambda n: (n in ("model.safetensors.index.json", "config.json"), n))
+    if "model.safetensors.index.json" in names:
+        for old in os.listdir(out):
+            if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old) and old not in names:
+                os.remove(os.path.join(out, old))
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
+    _fsync_dir(out)
+    os.rmdir(stage)
+
+
+def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, streamed shard by shard. Everything is
+    written into a staging directory inside output_dir and renamed into place at the end, so a kill mid-save
+    leaves no partial file in output_dir. Collective: call on all ranks."""
+    out = cfg.train.output_dir
+    stage = _tmp_dir(out, ".final.tmp-")
+    if cfg.model.tune_mm_mlp_adapter:
+        save_projector(model, os.path.join(stage, "mm_projector.bin"), dtype)
+    else:
+        index = _save_shards(model, stage, dtype, max_shard_bytes)
+    if _rank0():
+        if not cfg.model.tune_mm_mlp_adapter:
+            _write_json(os.path.join(stage, "model.safetensors.index.json"), index)
+            model.llm.generation_config.save_pretrained(stage)
+            tokenizer.save_pretrained(stage)
+            sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
+            if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
+                shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
+        _write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
+        _publish(stage, out)
     dist.barrier()
