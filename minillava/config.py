@@ -75,6 +75,7 @@ class TrainArgs:
     loss_reduction: str = "llava"  # minillava: llava (per-micro-batch mean) | global_token (step-wide token mean)
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per LLM block
     attn_implementation: str = "sdpa"  # minillava: sdpa | flash_attention_2 | eager (LLaVA train_mem.py: fa2)
+    padding_free: bool = False  # minillava: pack each micro-batch's real tokens into one varlen-attention sequence
     reshard_after_forward: bool = True  # minillava FSDP2 knob; --deepspeed zero2/zero3 maps to False/True
     seed: int = 42  # HF default
     logging_steps: int = 1  # log every N steps (HF default 500; v1.5 uses 1)

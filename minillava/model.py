@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from minillava.attention import VARLEN_ATTENTION, pack_batch, register_varlen_attention
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.loss import chunked_cross_entropy
 from minillava.weights import (  # INTERFACES.md lists these under model.py; they live in weights.py (line budget)
@@ -115,6 +116,11 @@ class LlavaModel(nn.Module):
         cfg = self.vision_tower.config
         return (cfg.image_size // cfg.patch_size) ** 2 + (self.mm_vision_select_feature == "cls_patch")
 
+    @property
+    def padding_free(self) -> bool:
+        """True when the LLM was built with the varlen attention (--padding_free): forward then packs each batch."""
+        return self.llm.config._attn_implementation == VARLEN_ATTENTION
+
     def decoder_layers(self) -> list[nn.Module]:
         """The LlamaDecoderLayer modules (FSDP units / activation-checkpointing targets)."""
         return list(self.llm.model.layers)
@@ -146,8 +152,13 @@ class LlavaModel(nn.Module):
         embeds, labels, attention_mask, position_ids = self.embed_inputs(
             input_ids, attention_mask, pixel_values, labels
         )
-        # Right padding goes through HF's 2D-mask path. TODO(perf): padding-free varlen packing is a later optimisation.
-        out = self.llm.model(
+        if self.padding_free:  # one (1, N) sequence of real tokens; attention stays inside each sample (attention.py)
+            p = pack_batch(embeds, labels, attention_mask)
+            out = self.llm.model(
+                inputs_embeds=p.embeds, position_ids=p.position_ids, use_cache=False, **p.attention_kwargs()
+            )
+            return chunked_cross_entropy(out.last_hidden_state, p.targets, self.llm.lm_head, self.loss_chunk_size)
+        out = self.llm.model(  # right padding through HF's 2D-mask SDPA path
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         return chunked_cross_entropy(
@@ -262,7 +273,8 @@ def parameter_report(model: LlavaModel) -> str:
     )
 
 
-def _attn_kw(attn_implementation: str) -> tuple[str, str]:
+def _attn_kw(attn_implementation: str, padding_free: bool = False) -> tuple[str, str]:
+    """(LLM, tower) attn_implementation; padding_free gives the LLM the varlen attention (the tower keeps SDPA)."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"--attn_implementation {attn_implementation!r}: expected one of {ATTN_IMPLEMENTATIONS}")
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -270,7 +282,8 @@ def _attn_kw(attn_implementation: str) -> tuple[str, str]:
             "--attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn)"
         )
     # The tower stays on SDPA unless eager is asked for: FA2 would need a bf16/fp16 tower.
-    return attn_implementation, "eager" if attn_implementation == "eager" else "sdpa"
+    llm_attn = register_varlen_attention() if padding_free else attn_implementation
+    return llm_attn, "eager" if attn_implementation == "eager" else "sdpa"
 
 
 def build_llava_from_config(
@@ -279,10 +292,11 @@ def build_llava_from_config(
     *,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    padding_free: bool = False,
     **kw: Any,
 ) -> LlavaModel:
     """LlavaModel from configs with random weights; cheap under `with torch.device("meta"):` (load weights later)."""
-    llm_attn, tower_attn = _attn_kw(attn_implementation)
+    llm_attn, tower_attn = _attn_kw(attn_implementation, padding_free)
     llm = LlamaForCausalLM._from_config(llm_config, attn_implementation=llm_attn, dtype=dtype)
     tower = CLIPVisionModel._from_config(vision_config, attn_implementation=tower_attn, dtype=dtype)
     return LlavaModel(llm, tower, **kw)
@@ -294,13 +308,14 @@ def build_llava_from_pretrained(
     *,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    padding_free: bool = False,
     **kw: Any,
 ) -> LlavaModel:
     """LlavaModel from two local HF folders (any path; never trust_remote_code), for single-process use."""
     for flag, path in (("--model_name_or_path", model_name_or_path), ("--vision_tower", vision_tower)):
         if not os.path.isdir(path):
             raise ValueError(f"{flag} {path!r}: not a local folder (nothing is downloaded)")
-    llm_attn, tower_attn = _attn_kw(attn_implementation)
+    llm_attn, tower_attn = _attn_kw(attn_implementation, padding_free)
     llm = LlamaForCausalLM.from_pretrained(
         model_name_or_path, dtype=dtype, attn_implementation=llm_attn, local_files_only=True, trust_remote_code=False
     )
