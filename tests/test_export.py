@@ -203,5 +203,18 @@ def test_errors(ckpt, assets, tmp_path):  # noqa: F811
         json.dump({**conf, "mm_vision_tower": str(tmp_path / "missing"), "mm_projector_type": "linear"}, f)
     with pytest.raises(ValueError, match="pass --vision_tower"):
         export.load_llava_checkpoint_state(bad)
-    with pytest.raises(ValueError, match="mlp2x_gelu only"):
+    with pytest.raises(ValueError, match="has mlp2x_gelu"):
         export.export_llava_hf(str(tmp_path / "x"), checkpoint=bad, vision_tower=assets["clip"])
+
+
+def test_sample_new_rows_distribution():
+    """N(mu, 1e-5 Sigma) of the rows, Sigma the population covariance; also for a singular Sigma (rows < dims)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 8, generator=g) @ torch.randn(8, 8, generator=g) + 3.0
+    rows = export.sample_new_rows(w, 40000, torch.Generator().manual_seed(1))
+    mu, cov = w.double().mean(0), torch.cov(w.double().T, correction=0)
+    assert rows.dtype == torch.float64 and rows.shape == (40000, 8)
+    torch.testing.assert_close(rows.mean(0), mu, rtol=0, atol=3e-4)
+    torch.testing.assert_close(torch.cov(rows.T), 1e-5 * cov, rtol=0.05, atol=0.05 * 1e-5 * cov.abs().max().item())
+    few = export.sample_new_rows(w[:3], 5, torch.Generator().manual_seed(1))  # rank-2 covariance: eigh branch
+    assert few.isfinite().all() and torch.allclose(few.mean(0), w[:3].double().mean(0), atol=0.05)
