@@ -177,8 +177,12 @@ def test_evaluator_chance_for_a_model_that_ignores_the_answer(assets):
     assert demo.evaluate_colour_accuracy(constant, *args) == 1 / len(demo.SHAPE_COLOURS)
     model = build_llava_from_pretrained(assets["llm"], assets["clip"], mm_projector_type="mlp2x_gelu")
     model.train()
-    accuracy = demo.evaluate_colour_accuracy(model, *args)
-    assert 0.0 <= accuracy <= 1.0 and model.training  # training mode restored
+    subset = os.path.join(os.path.dirname(assets["eval"]), "subset.json")
+    with open(subset, "w") as f:
+        json.dump(_load(assets["eval"])[: len(demo.SHAPE_COLOURS)], f)
+    accuracy = demo.evaluate_colour_accuracy(model, tokenizer, processor, subset, assets["image_folder"])
+    assert accuracy in [i / len(demo.SHAPE_COLOURS) for i in range(len(demo.SHAPE_COLOURS) + 1)]
+    assert model.training  # training mode restored
     bad = os.path.join(os.path.dirname(assets["eval"]), "bad.json")
     with open(bad, "w") as f:
         json.dump([{**_load(assets["eval"])[0], "id": "x", "colour": "pink"}], f)
@@ -212,3 +216,55 @@ def test_demo_sh_runs_the_printed_commands_and_they_parse(assets, capsys):
         assert cfg.model.model_name_or_path == f"{out}/llm" and cfg.data.image_folder == f"{out}/data"
     assert cfg.model.pretrain_mm_mlp_adapter == f"{out}/stage1/mm_projector.bin"
     assert cfg.data.image_aspect_ratio == "pad" and cfg.model.version == "v1"
+
+
+def _argv(command, **over):
+    """train.py's argv from one of the demo's printed commands, with flags overridden or (None) removed."""
+    flags = _flags(shlex.split(command))
+    for k, v in over.items():
+        flags.pop(f"--{k}", None)
+        if v is not None:
+            flags[f"--{k}"] = str(v)
+    return [x for kv in flags.items() for x in kv]
+
+
+def test_stage2_output_loads_back_for_evaluation(assets, tmp_path, capsys):
+    """The demo's own flags drive the real trainer (2 steps per stage); the stage-2 folder loads with every weight
+    and `python -m minillava.demo --evaluate` reports its accuracy."""
+    from safetensors.torch import load_file
+
+    import train
+    from minillava.model import to_llava_key
+
+    root = os.path.dirname(assets["llm"])
+    s1, s2 = demo.training_commands(root)
+    over = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1)
+    train.main(_argv(s1, output_dir=tmp_path / "stage1", **over))
+    adapter = tmp_path / "stage1" / "mm_projector.bin"
+    train.main(_argv(s2, output_dir=tmp_path / "stage2", pretrain_mm_mlp_adapter=adapter, **over))
+    model, tokenizer, _, aspect = demo.load_stage2(str(tmp_path / "stage2"))
+    assert aspect == "pad" and model.model_max_length == 512 and tokenizer.pad_token_id == 0
+    saved = {}
+    for name in os.listdir(tmp_path / "stage2"):
+        if name.endswith(".safetensors"):
+            saved.update(load_file(tmp_path / "stage2" / name))
+    state = model.state_dict()
+    assert len(saved) == len(state) and all(torch.equal(saved[to_llava_key(k)], v) for k, v in state.items())
+    projector = torch.load(adapter, weights_only=True)
+    assert not torch.equal(projector["model.mm_projector.0.weight"], state["mm_projector.0.weight"])  # trained on
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"below --min_accuracy 1\.01"):
+        demo.main(["--evaluate", "--checkpoint", str(tmp_path / "stage2"), "--out", root, "--min_accuracy", "1.01"])
+    printed = re.search(r"held-out colour accuracy of (\S+): ([\d.]+) \(chance 0.167\)", capsys.readouterr().out)
+    assert printed[1] == str(tmp_path / "stage2") and 0.0 <= float(printed[2]) <= 1.0
+    with pytest.raises(ValueError, match=r"--checkpoint .*config\.json"):
+        demo.load_stage2(str(tmp_path))
+
+
+def test_main_writes_assets_and_prints_the_commands(tmp_path, capsys):
+    out = str(tmp_path / "d")
+    demo.main(["--out", out, "--n_train", "6", "--n_eval", "6", "--seed", "3"])
+    printed = capsys.readouterr().out
+    assert all(c in printed for c in demo.training_commands(out))
+    assert f"--evaluate --checkpoint {out}/stage2" in printed
+    assert len(_load(os.path.join(out, "data", "eval.json"))) == 6
