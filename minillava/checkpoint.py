@@ -317,10 +317,17 @@ def _rotate(output_dir: str, limit: int | None, keep: str) -> None:
 def _trim_metrics(output_dir: str, step: int) -> None:
     """Drop metrics.jsonl records after `step`: a killed run may have logged steps the resumed run repeats."""
     path = os.path.join(output_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        _atomic(path, lambda tmp: _write(tmp, "".join(keep)))
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line torn by the kill
+    _atomic(path, lambda tmp: _write(tmp, "".join(keep)))
 
 
 # ---------------------------------------------------------------------------------------------- final outputs

@@ -1,0 +1,289 @@
+"""Checkpoints and resume. Multi-rank runs go through `torchrun --standalone --nproc_per_node 2 train.py` in a
+subprocess (2 gloo ranks) so they can be SIGKILLed; API-level checks run in-process on one rank."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import write_llava_dataset
+from safetensors.torch import load_file
+from test_train import assets, flags, losses  # noqa: F401  (assets is a fixture)
+
+import train
+from minillava import distributed as D
+from minillava.checkpoint import CRASH_HOOK, MARKER, Checkpointer, complete_checkpoints, find_checkpoint
+from minillava.config import parse_args
+from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
+from minillava.model import build_llava_from_config, build_llava_from_pretrained, load_mm_projector, to_llava_key
+from minillava.optim import build_optimizer
+from minillava.sampler import DistributedModalityLengthSampler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE2 = dict(max_steps=8, save_steps=2, save_total_limit=10)  # 16 samples / 4 per step: 2 epochs, saves 2,4,6,8
+STAGE1 = dict(max_steps=6, save_steps=2, save_total_limit=2, dataloader_num_workers=1)  # 12 samples: 3 steps/epoch
+
+
+@pytest.fixture(scope="module")
+def data(assets):  # noqa: F811
+    """test_train's assets with a stage-2 dataset of its own (image, multi-turn and text-only samples)."""
+    mixed, _ = write_llava_dataset(str(assets["root"] / "mixed"), n_image=12, n_text=4)
+    with open(mixed) as f:  # same images as assets["images"]; only the JSON is used
+        assert len(json.load(f)) == 16
+    return {**assets, "data": mixed}
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _launch(argv, log, **env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *argv]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def torchrun(argv, out, expect_ok=True, **env) -> str:
+    """Run 2 ranks to completion; returns the log."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"log-{time.monotonic_ns()}.txt")
+    with open(path, "w") as log:
+        code = _launch(argv, log, **env).wait(timeout=300)
+    with open(path) as f:
+        text = f.read()
+    assert (code == 0) == expect_ok, text[-4000:]
+    return text
+
+
+def final_weights(out):
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        files = set(json.load(f)["weight_map"].values())
+    return {k: v for name in files for k, v in load_file(os.path.join(out, name)).items()}
+
+
+def assert_same_run(out, ref):
+    assert losses(out) == losses(ref)  # steps 1..N, bit-identical
+    a, b = final_weights(out), final_weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stage2_ref(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("s2ref"))
+    torchrun(flags(data, out, **STAGE2), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1_ref(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("s1ref"))
+    torchrun(flags(data, out, stage=1, **STAGE1), out)
+    return out
+
+
+@pytest.mark.dist
+def test_stage1_resume_is_exact_and_rotation_keeps_newest(data, stage1_ref, tmp_path):
+    """Checkpoint-4 (mid-epoch) + resume with a DataLoader worker == the uninterrupted run; limit 2 keeps 4 and 6."""
+    assert [s for s, _ in complete_checkpoints(stage1_ref)] == [4, 6]
+    assert sorted(n for n in os.listdir(stage1_ref) if n.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    ckpt = os.path.join(stage1_ref, "checkpoint-4")
+    assert {"mm_projector.bin", "config.json", MARKER}.issubset(os.listdir(ckpt))
+    out = str(tmp_path / "resumed")
+    shutil.copytree(ckpt, os.path.join(out, "checkpoint-4"))
+    shutil.copy(os.path.join(stage1_ref, "metrics.jsonl"), out)  # steps 5, 6 are dropped on resume, then re-logged
+    log = torchrun(flags(data, out, stage=1, resume_from_checkpoint="auto", **STAGE1), out)
+    assert "resumed from" in log and "step 4, epoch 1, micro-batch 1" in log
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+    assert losses(out) == losses(stage1_ref)
+    a, b = (torch.load(os.path.join(d, "mm_projector.bin"), weights_only=True) for d in (out, stage1_ref))
+    assert sorted(a) == [f"model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.dist
+def test_stage2_resume_after_kill_9(data, stage2_ref, tmp_path):
+    out = str(tmp_path / "killed")
+    os.makedirs(out)
+    argv = flags(data, out, **STAGE2)
+    with open(os.path.join(out, "killed.txt"), "w") as log:
+        proc = _launch(argv, log)
+        deadline = time.monotonic() + 240
+        while not os.path.isfile(os.path.join(out, "checkpoint-2", MARKER)):
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before checkpoint-2"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+        proc.wait()
+    assert not os.path.exists(os.path.join(out, "model.safetensors.index.json")), "the run finished before the kill"
+    torchrun([*argv, "--resume_from_checkpoint", "auto"], out)
+    assert_same_run(out, stage2_ref)
+
+
+@pytest.mark.dist
+def test_kill_during_save_keeps_previous_checkpoint(data, stage2_ref, tmp_path):
+    out = str(tmp_path / "crashed")
+    argv = flags(data, out, **STAGE2)
+    torchrun(argv, out, expect_ok=False, **{CRASH_HOOK: "4"})  # both ranks die inside save 4, before COMPLETE
+    assert [s for s, _ in complete_checkpoints(out)] == [2]
+    (partial,) = [n for n in os.listdir(out) if n.startswith("checkpoint-4")]
+    assert ".tmp-" in partial and not os.path.exists(os.path.join(out, partial, MARKER))
+    log = torchrun([*argv, "--resume_from_checkpoint", "auto"], out)
+    assert "checkpoint-2: step 2" in log
+    assert not any(".tmp-" in n for n in os.listdir(out))  # the next save cleared the leftover
+    assert_same_run(out, stage2_ref)
+
+
+# LLaVA key prefix -> ours, the longest "model." prefixes first (the inverse of to_llava_key).
+FROM_LLAVA = (
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
+    ("model.mm_projector.", "mm_projector."),
+    ("lm_head.", "llm.lm_head."),
+    ("model.", "llm.model."),
+)
+
+
+def _llava_to_ours(key: str) -> str:
+    for theirs, ours in FROM_LLAVA:
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    raise AssertionError(f"{key} is not a LLaVA key")
+
+
+def _batch(data, cfg):
+    tok = load_tokenizer(data["llm"], cfg.train.model_max_length)
+    ds = LazySupervisedDataset(
+        data["data"], tok, load_image_processor(data["clip"]), image_folder=data["images"], version="v1",
+        image_aspect_ratio=cfg.data.image_aspect_ratio, model_max_length=cfg.train.model_max_length,
+    )  # fmt: skip
+    collate = DataCollator(pad_token_id=tok.pad_token_id, model_max_length=cfg.train.model_max_length)
+    return collate([ds[i] for i in (1, 13)])  # a two-turn image sample and a text-only one
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        embeds, _, mask, pos = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        return model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+
+
+@pytest.mark.dist
+def test_stage2_folder_reloads_with_the_trained_logits(data, stage2_ref):
+    """The HF folder, read back with LLaVA's key names and config.json only, gives the logits of the trained model
+    (pretrained frozen weights + the trainable params of the final sharded checkpoint, resharded 2 ranks -> 1)."""
+    cfg = parse_args(flags(data, stage2_ref, **STAGE2))
+    with open(os.path.join(stage2_ref, "config.json")) as f:
+        conf = json.load(f)
+    assert conf["model_type"] == "llava_llama" and conf["dtype"] == "float32" and conf["mm_hidden_size"] == 32
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    reloaded = build_llava_from_config(
+        LlamaConfig.from_pretrained(stage2_ref), CLIPVisionConfig.from_pretrained(conf["mm_vision_tower"]),
+        mm_projector_type=conf["mm_projector_type"], mm_vision_select_layer=conf["mm_vision_select_layer"],
+        mm_vision_select_feature=conf["mm_vision_select_feature"], model_max_length=conf["tokenizer_model_max_length"],
+    )  # fmt: skip
+    state = final_weights(stage2_ref)
+    assert all(k.startswith(("model.", "lm_head.")) for k in state)
+    assert {to_llava_key(k) for k in reloaded.state_dict()} == set(state)  # LLaVA names, nothing missing or extra
+    reloaded.load_state_dict({_llava_to_ours(k): v for k, v in state.items()}, strict=True)
+    trained = build_llava_from_pretrained(data["llm"], data["clip"], mm_projector_type="mlp2x_gelu",
+                                          mm_vision_select_layer=-2, model_max_length=64)  # fmt: skip
+    sd = {k: v for k, v in trained.state_dict().items() if not k.startswith("vision_tower.")}
+    dcp.load({"model": sd}, checkpoint_id=os.path.join(stage2_ref, "checkpoint-8"), no_dist=True)
+    trained.load_state_dict(sd, strict=False)
+    batch = _batch(data, cfg)
+    assert torch.equal(_logits(reloaded, batch), _logits(trained, batch))
+    assert {"tokenizer.model", "tokenizer_config.json", "generation_config.json"}.issubset(os.listdir(stage2_ref))
+
+
+def test_mm_projector_bin_loads_fresh_and_as_pretrain_adapter(data, stage1_ref, tmp_path):
+    path = os.path.join(stage1_ref, "mm_projector.bin")
+    saved = torch.load(path, weights_only=True)
+    fresh = build_llava_from_pretrained(data["llm"], data["clip"], mm_projector_type="mlp2x_gelu")
+    load_mm_projector(fresh, path)
+    assert all(torch.equal(fresh.mm_projector.state_dict()[k.split("mm_projector.")[1]], v) for k, v in saved.items())
+    cfg = parse_args(flags(data, str(tmp_path / "o"), pretrain_mm_mlp_adapter=path))
+    info = D.init_distributed()
+    try:
+        model, _ = train.build_model(cfg, info)  # the --pretrain_mm_mlp_adapter path, sharded
+        full = {k: v.full_tensor() for k, v in model.mm_projector.state_dict().items()}
+    finally:
+        D.cleanup(info)
+    assert all(torch.equal(full[k.split("mm_projector.")[1]], v) for k, v in saved.items())
+
+
+def test_refuses_changed_global_batch_or_dataset(data, stage2_ref, tmp_path):
+    out = str(tmp_path / "o")
+    shutil.copytree(os.path.join(stage2_ref, "checkpoint-8"), os.path.join(out, "checkpoint-8"))
+    with pytest.raises(ValueError, match=r"was 2 x 1 x 2 = 4, now 1 x 1 x 2 = 2"):  # 1 rank instead of 2
+        train.main(flags(data, out, resume_from_checkpoint="auto", **STAGE2))
+    with pytest.raises(ValueError, match=r"the dataset had 16 samples, now 12"):  # 1 rank x GA 2: same batch
+        train.main(flags(data, out, resume_from_checkpoint="auto", gradient_accumulation_steps=2,
+                         data_path=data["pretrain"], **STAGE2))  # fmt: skip
+
+
+def test_find_checkpoint_takes_only_complete_ones(tmp_path):
+    out = str(tmp_path)
+    assert find_checkpoint("auto", out) is None and find_checkpoint(None, out) is None
+    for step, done in ((2, True), (4, True), (6, False)):
+        os.makedirs(os.path.join(out, f"checkpoint-{step}"))
+        if done:
+            open(os.path.join(out, f"checkpoint-{step}", MARKER), "w").close()
+    os.makedirs(os.path.join(out, "checkpoint-8.tmp-abc"))
+    open(os.path.join(out, "checkpoint-8.tmp-abc", MARKER), "w").close()  # killed between marker and rename
+    assert find_checkpoint("auto", out) == os.path.join(out, "checkpoint-4")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        find_checkpoint(os.path.join(out, "checkpoint-6"), out)
+
+
+def _step(model, optimizer, scheduler, batch, drop=None):
+    loss_sum, n = model(**batch)
+    (loss_sum / n).backward()
+    if drop:  # as if this param had not been used yet: no gradient, so AdamW creates no state for it
+        dict(model.named_parameters())[drop].grad = None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
+    """checkpoint-0: saved before any optimizer step; checkpoint-1: one param never had a gradient. Both resume to
+    the same weights as the uninterrupted run (no placeholder AdamW state, whose step count would differ)."""
+    out, unused = str(tmp_path / "o"), "mm_projector.2.bias"
+    cfg = parse_args(flags(data, out, max_steps=3, save_total_limit=5))
+    info = D.init_distributed()
+    try:
+
+        def build():
+            model, _ = train.build_model(cfg, info)
+            optimizer, scheduler = build_optimizer(model, cfg.train, 3)
+            sampler = DistributedModalityLengthSampler([1] * 16, 2, 1, 0)
+            return model, optimizer, scheduler, Checkpointer(cfg, model, optimizer, scheduler, sampler, 16, None)
+
+        batch = _batch(data, cfg)
+        model, optimizer, scheduler, ckpt = build()
+        ckpt.save(0)
+        assert not optimizer.state  # saving did not create (step-count-changing) state
+        _step(model, optimizer, scheduler, batch, drop=unused)
+        ckpt.save(1)
+        _step(model, optimizer, scheduler, batch)
+        expected = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        for start in (0, 1):
+            cfg.train.resume_from_checkpoint = os.path.join(out, f"checkpoint-{start}")
+            model, optimizer, scheduler, ckpt = build()
+            assert ckpt.resume() == start
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            has_state = {n for n, p in model.named_parameters() if p in optimizer.state}
+            assert has_state == (set() if start == 0 else trainable - {unused})
+            for s in range(start, 2):
+                _step(model, optimizer, scheduler, batch, drop=unused if s == 0 else None)
+            for k, v in model.state_dict().items():
+                assert torch.equal(v.full_tensor(), expected[k]), k
+    finally:
+        D.cleanup(info)
