@@ -132,6 +132,28 @@ def _clip_state(folder: str) -> dict[str, Tensor]:
     return {f"vision_tower.{k.removeprefix(prefix)}": clip[k] for k in keep}
 
 
+def _clip_folder(path: str, vision_tower: str | None) -> str:
+    clip = vision_tower or _config(path).get("mm_vision_tower")
+    if not clip or not os.path.isdir(clip):
+        raise ValueError(f"{path!r}: its vision tower {clip!r} is not a local folder; pass --vision_tower CLIP_DIR")
+    return clip
+
+
+def llava_checkpoint_configs(path: str, vision_tower: str | None = None) -> tuple[LlamaConfig, CLIPVisionConfig]:
+    """(llm_config, vision_config) of a llava-hf or LLaVA folder without reading weights (every rank builds the meta
+    model from these). LLaVA format: CLIP's config from `vision_tower`, else the config's mm_vision_tower folder.
+    llava-hf: vocab_size is the original one (image_token_index, the first row the converter appended)."""
+    kind, conf = _check_kind(path), _config(path)
+    if kind == "llava":
+        return _llm_config(conf), CLIPVisionConfig.from_pretrained(_clip_folder(path, vision_tower))
+    read_settings(path)  # validates the vision feature settings
+    llm_config = _llm_config(conf["text_config"])
+    llm_config.vocab_size = min(llm_config.vocab_size, conf.get("image_token_index", 32000))
+    if (llm_config.pad_token_id or 0) >= llm_config.vocab_size:  # <pad> was one of the appended rows
+        llm_config.pad_token_id = None
+    return llm_config, CLIPVisionConfig(**conf["vision_config"])
+
+
 def load_llava_checkpoint_state(
     path: str, vision_tower: str | None = None
 ) -> tuple[LlamaConfig, CLIPVisionConfig, dict[str, Tensor]]:
@@ -139,27 +161,15 @@ def load_llava_checkpoint_state(
 
     llava-hf: the rows the converter appended (<image>, <pad>, padding to a multiple of 64) are dropped, so the LLM
     has its original vocabulary (minillava splices images at id -200 and never looks those rows up). LLaVA format:
-    CLIP's config comes from `vision_tower` or the config's mm_vision_tower folder; its weights from the checkpoint's
-    copy (ref 8.2), else from that folder."""
-    kind, conf = _check_kind(path), _config(path)
-    llm_config = _llm_config(conf["text_config"] if kind == "llava-hf" else conf)
-    if kind == "llava-hf":
-        read_settings(path)  # validates the vision feature settings
+    CLIP's weights are the checkpoint's copy (ref 8.2), else those of the CLIP folder."""
+    llm_config, vision_config = llava_checkpoint_configs(path, vision_tower)
+    if checkpoint_kind(path) == "llava-hf":
         state = _rename(_read_weights(path, "checkpoint"), _HF_RULES, path)
-        vocab = conf.get("image_token_index", 32000)
-        if vocab < llm_config.vocab_size:
-            state.update({k: state[k][:vocab] for k in _EMBEDDINGS})
-            llm_config.vocab_size = vocab
-        if (llm_config.pad_token_id or 0) >= vocab:  # <pad> was one of the dropped rows
-            llm_config.pad_token_id = None
-        return llm_config, CLIPVisionConfig(**conf["vision_config"]), state
-    clip = vision_tower or conf.get("mm_vision_tower")
-    if not clip or not os.path.isdir(clip):
-        raise ValueError(f"{path!r}: its vision tower {clip!r} is not a local folder; pass --vision_tower CLIP_DIR")
+        return llm_config, vision_config, state | {k: state[k][: llm_config.vocab_size] for k in _EMBEDDINGS}
     state = _rename(_read_weights(path, "checkpoint"), _LLAVA_RULES, path)
     if not any(k.startswith("vision_tower.") for k in state):
-        state.update(_clip_state(clip))
-    return llm_config, CLIPVisionConfig.from_pretrained(clip), state
+        state.update(_clip_state(_clip_folder(path, vision_tower)))
+    return llm_config, vision_config, state
 
 
 def sample_new_rows(weight: Tensor, n: int, generator: torch.Generator) -> Tensor:

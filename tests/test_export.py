@@ -218,3 +218,24 @@ def test_sample_new_rows_distribution():
     torch.testing.assert_close(torch.cov(rows.T), 1e-5 * cov, rtol=0.05, atol=0.05 * 1e-5 * cov.abs().max().item())
     few = export.sample_new_rows(w[:3], 5, torch.Generator().manual_seed(1))  # rank-2 covariance: eigh branch
     assert few.isfinite().all() and torch.allclose(few.mean(0), w[:3].double().mean(0), atol=0.05)
+
+
+@pytest.mark.skipif(
+    not hasattr(train, "load_llava_checkpoint_state"), reason="train.build_model does not import checkpoints yet"
+)
+def test_finetune_from_llava_and_llava_hf_folders(ckpt, assets, tmp_path):  # noqa: F811
+    """Stage 2 started from the LLaVA folder and from its llava-hf export: same weights, so the same losses."""
+    s, runs = export.read_settings(ckpt[0]), []
+    model_flags = dict(
+        mm_vision_select_layer=s.mm_vision_select_layer, mm_vision_select_feature=s.mm_vision_select_feature
+    )
+    for name, start in (("from_llava", ckpt[0]), ("from_hf", ckpt[1])):
+        out = str(tmp_path / name)
+        argv = flags(assets, out, stage=2, max_steps=3, model_name_or_path=start, **model_flags)
+        train.main([a for a in argv if a not in ("--init_projector", "random")])  # the projector comes with it
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            runs.append([json.loads(line)["loss"] for line in f])
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+    with pytest.raises(ValueError, match="was trained with"):
+        argv = flags(assets, str(tmp_path / "bad"), stage=2, model_name_or_path=ckpt[0], mm_vision_select_layer=-3)
+        train.main([a for a in argv if a not in ("--init_projector", "random")])
