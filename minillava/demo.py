@@ -195,7 +195,7 @@ def draw_shape(
     if shape == "circle":
         d.ellipse((x0, y0, x1, y1), fill=colour)
     elif shape == "triangle":
-        d.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=colour)
+        d.polygon([((x0 + x1 + 1) // 2, y0), (x0, y1), (x1, y1)], fill=colour)  # apex w // 2 for the default box
     elif shape == "square":
         d.rectangle((x0, y0, x1, y1), fill=colour)
     else:
@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="stage-2 output_dir to evaluate")
     p.add_argument("--min_accuracy", type=float, default=0.0, help="exit with status 1 below this accuracy")
     args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file save/load bars of a 2 MB model are noise here
     if not args.evaluate:
         paths = make_demo_assets(args.out, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
         print(f"demo assets in {args.out}: " + ", ".join(f"{k}={v}" for k, v in paths.items()))

@@ -13,7 +13,7 @@ import torch
 from minillava import demo
 from minillava.config import parse_args
 from minillava.constants import IGNORE_INDEX
-from minillava.conversation import preprocess
+from minillava.conversation import build_inference_prompt, preprocess, tokenizer_image_token
 from minillava.data import LazySupervisedDataset, load_image_processor, load_tokenizer, open_image, process_image
 from minillava.model import build_llava_from_pretrained
 
@@ -49,6 +49,17 @@ def test_assets_are_deterministic_given_seed(assets, tmp_path):
     other = demo.make_demo_assets(str(tmp_path / "other"), n_train=N_TRAIN, n_eval=N_EVAL, seed=1)
     assert _load(other["eval"]) != _load(assets["eval"])
     assert _files(other["llm"])["model.safetensors"] != first["llm/model.safetensors"]
+
+
+def test_draw_shape_matches_the_fixture_helper():
+    """conftest will import draw_shape (and build_tokenizer_dir) from here: the default box draws the same pixels."""
+    import conftest
+
+    cases = [("red", "triangle", (41, 31)), ("blue", "circle", (40, 30)), ("black", "square", (57, 80))]
+    for colour, shape, size in cases:
+        assert demo.draw_shape(colour, shape, size).tobytes() == conftest.draw_shape(colour, shape, size).tobytes()
+    with pytest.raises(ValueError, match="hexagon"):
+        demo.draw_shape("red", "hexagon")
 
 
 def test_dataset_files_are_llava_format(assets):
@@ -131,13 +142,15 @@ class OracleModel(torch.nn.Module):
     def __init__(self, truth, tokenizer, liar=False):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.truth, self.tokenizer, self.liar, self.seen = truth, tokenizer, liar, []
+        self.truth, self.tokenizer, self.liar, self.seen, self.prompts = truth, tokenizer, liar, [], []
 
     def forward(self, input_ids, labels, attention_mask, pixel_values):
         assert input_ids.shape[0] == 1 and attention_mask.all()
         colour = self.truth[pixel_values[0].numpy().tobytes()]
         text = self.tokenizer.decode([t for t in labels[0].tolist() if t != IGNORE_INDEX])
+        first = (labels[0] != IGNORE_INDEX).nonzero()[0, 0].item()
         self.seen.append(text)
+        self.prompts.append(input_ids[0, :first].tolist())
         wrong = colour not in text.split(".")[0].split()
         return torch.tensor(float(wrong != self.liar)), torch.tensor(len(text))
 
@@ -164,6 +177,9 @@ def test_evaluator_scores_the_answer_for_the_right_image(assets, version, aspect
         expected = [demo.CAPTION.format(colour=c, shape=first["shape"], background=first["background"]) + "\n"
                     for c in demo.SHAPE_COLOURS]  # fmt: skip
     assert oracle.seen[: len(expected)] == expected
+    # What precedes the answer is the inference prompt (v1: system, USER: <image>\nQ, ASSISTANT:).
+    prompt = tokenizer_image_token(build_inference_prompt(demo.EVAL_QUESTION, version, has_image=True), tokenizer)
+    assert all(p == prompt for p in oracle.prompts)
     liar = OracleModel(oracle.truth, tokenizer, liar=True)
     assert demo.evaluate_colour_accuracy(liar, *args, version=version, image_aspect_ratio=aspect) == 0.0
 
