@@ -10,6 +10,7 @@ fp32) SDPA with a block-diagonal causal mask, so the same path runs in the CPU t
 
 import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,32 @@ def _torch_varlen() -> Any:
     return varlen_attn
 
 
+@functools.cache
+def _torch_varlen_params() -> frozenset[str]:
+    return frozenset(inspect.signature(_torch_varlen()).parameters)
+
+
+def _torch_varlen_causal(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int, scale: float | None
+) -> Tensor:
+    """torch's varlen_attn across its API versions: early releases take is_causal and no scale / enable_gqa; later
+    ones take scale and window_size, (-1, 0) being causal (varlen_attn compares against that exact tuple)."""
+    params = _torch_varlen_params()
+    kw: dict[str, Any] = {}
+    if "window_size" in params:
+        kw.update(window_size=(-1, 0), scale=scale)
+    else:
+        kw["is_causal"] = True
+        if scale is not None:  # no scale argument: fold it into q (the kernel applies 1/sqrt(Dh))
+            q = q * (scale * q.shape[-1] ** 0.5)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:  # same head order as transformers' repeat_kv
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kw)
+
+
 def resolve_backend(q: Tensor, backend: str = "auto") -> str:
     """auto: flash_attn (if installed), else torch's varlen_attn, for CUDA bf16/fp16; sdpa (masked) otherwise."""
     if backend not in BACKENDS:
@@ -111,10 +138,7 @@ def varlen_causal_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True
         )
     if backend == "torch":
-        # window_size (-1, 0) is varlen_attn's causal mode (it compares against this exact tuple).
-        return _torch_varlen()(
-            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=gqa
-        )
+        return _torch_varlen_causal(q, k, v, cu_seqlens, max_len, scale)
     mask = block_causal_mask(cu_seqlens, q.shape[0])  # (N, N): O(N^2) memory, a CPU / fp32 correctness path
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=gqa

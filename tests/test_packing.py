@@ -106,6 +106,32 @@ def test_fallback_attention_equals_per_sample_causal_sdpa(kv_heads):
         torch.testing.assert_close(out[s:e], ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("api", ["window_size", "is_causal"])
+def test_torch_varlen_call_adapts_to_its_api_version(api, monkeypatch):
+    """torch's varlen_attn took is_causal (no scale, no GQA) in its first releases and scale/window_size/enable_gqa
+    later. A CPU stand-in with each signature (computing with the fallback) must reproduce the fallback's output."""
+
+    def new_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1), **kw):
+        assert window_size == (-1, 0) and cu_q is cu_k and max_q == max_k
+        return varlen_causal_attention(q, k, v, cu_q, max_q, scale, backend="sdpa")
+
+    def old_api(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and q.shape[1] == k.shape[1]  # no GQA support: k/v must arrive repeated
+        return varlen_causal_attention(q, k, v, cu_q, max_q, None, backend="sdpa")
+
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: new_api if api == "window_size" else old_api)
+    attention._torch_varlen_params.cache_clear()
+    try:
+        torch.manual_seed(0)
+        cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
+        q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+        out = varlen_causal_attention(q, k, v, cu, 6, scale=0.3, backend="torch")
+        ref = varlen_causal_attention(q, k, v, cu, 6, scale=0.3, backend="sdpa")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    finally:
+        attention._torch_varlen_params.cache_clear()
+
+
 def test_packed_model_never_attends_across_samples():
     """Perturb sample 2's tokens and image: sample 1's hidden states (hence logits) stay bit-identical."""
     model = make_model(True).eval()
@@ -250,13 +276,13 @@ def test_cuda_varlen_kernel_matches_masked_sdpa_bf16(backend):
     lengths = [577, 1, 130, 1024, 640]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     n = sum(lengths)
-    q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # (H, N, Dh) leaves viewed as (N, H, Dh): the strides varlen_attention_forward passes on from LlamaAttention
+    leaves = [torch.randn(32, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    q, k, v = (x.transpose(0, 1) for x in leaves)
     outs, grads = [], []
     for b in (backend, "sdpa"):
         out = varlen_causal_attention(q, k, v, cu, max(lengths), scale=128**-0.5, backend=b)
-        (g,) = torch.autograd.grad(out.float().square().sum(), [q])
+        (g,) = torch.autograd.grad(out.float().square().sum(), [leaves[0]])
         outs.append(out.float())
         grads.append(g.float())
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
@@ -271,5 +297,7 @@ def test_cuda_packed_matches_padded_bf16():
     for padding_free in (False, True):
         model = make_model(padding_free).to(device="cuda", dtype=torch.bfloat16)
         loss_sum, n_tok = model(**batch)
+        loss_sum.backward()  # through the varlen kernel's backward
+        assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
         losses.append(float(loss_sum) / int(n_tok))
     assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
