@@ -300,6 +300,7 @@ def export_llava_hf(
     for k in _EMBEDDINGS:
         state[k] = torch.cat([state[k].to(dtype), sample_new_rows(state[k], vocab - old, generator).to(dtype)])
     config = hf_config(llm_config, vision_config, s, vocab, image_id)
+    config.text_config.dtype = config.vision_config.dtype = dtype  # save_pretrained sets only the top-level one
     model = build_hf_model(config, {k: v.to(dtype) for k, v in state.items()})
     if os.path.isfile(os.path.join(tok_dir, "generation_config.json")):  # the LLM's (bos, eos, sampling defaults)
         model.generation_config = GenerationConfig.from_pretrained(tok_dir)
