@@ -344,40 +344,17 @@ def evaluate_colour_accuracy(
     return correct / len(records)
 
 
-def load_stage2(checkpoint: str, *, model_max_length: int | None = None) -> tuple["LlavaModel", Any, Any, str]:
-    """(model, tokenizer, image_processor, image_aspect_ratio) from a stage-2 output folder (LLaVA's format,
-    llava-reference.md 8.2/8.4: config.json with mm_* fields, safetensors with LLaVA keys, tokenizer files)."""
-    from safetensors.torch import load_file
-    from transformers import CLIPVisionConfig, LlamaConfig
+def load_stage2(checkpoint: str) -> tuple["LlavaModel", Any, Any, str]:
+    """(model, tokenizer, image_processor, image_aspect_ratio) of a stage-2 output folder, through the same loader
+    as `python -m minillava.generate` (LLaVA format as train.py writes it, or a llava-hf export)."""
+    from minillava.data import load_tokenizer
+    from minillava.generate import load_image_processor_for, load_model
 
-    from minillava.data import load_image_processor, load_tokenizer
-    from minillava.model import build_llava_from_config, to_llava_key
-
-    config_path = os.path.join(checkpoint, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ValueError(f"--checkpoint {checkpoint}: no config.json (expected a stage-2 output_dir)")
-    with open(config_path) as f:
-        conf = json.load(f)
-    max_len = model_max_length or conf.get("tokenizer_model_max_length", 2048)
-    model = build_llava_from_config(
-        LlamaConfig(**{k: v for k, v in conf.items() if k not in ("model_type", "architectures")}),
-        CLIPVisionConfig.from_pretrained(conf["mm_vision_tower"]),
-        mm_projector_type=conf["mm_projector_type"],
-        mm_vision_select_layer=conf["mm_vision_select_layer"],
-        mm_vision_select_feature=conf.get("mm_vision_select_feature", "patch"),
-        model_max_length=max_len,
-    )
-    ours = {to_llava_key(name): name for name in model.state_dict()}
-    state = {}
-    for name in sorted(os.listdir(checkpoint)):
-        if name.endswith(".safetensors"):
-            state.update({ours.get(k, k): v for k, v in load_file(os.path.join(checkpoint, name)).items()})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"--checkpoint {checkpoint}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
-    tokenizer = load_tokenizer(checkpoint, max_len)
-    image_processor = load_image_processor(conf["mm_vision_tower"])
-    return model, tokenizer, image_processor, conf.get("image_aspect_ratio", "pad")
+    model, settings = load_model(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, settings.model_max_length)
+    return model, tokenizer, load_image_processor_for(checkpoint, settings, None), settings.image_aspect_ratio
 
 
 def training_commands(out_dir: str, nproc_per_node: int = 2) -> list[str]:
