@@ -248,6 +248,9 @@ class Checkpointer:
             _set_rng_state(torch.load(rng, weights_only=True))
         if _rank0():
             _trim_metrics(t.output_dir, state["step"])
+            later = [p for step, p in complete_checkpoints(t.output_dir) if step > state["step"]]
+            if later:  # resumed from an older PATH: these belong to the trajectory being replaced
+                print(f"warning: {later} are newer than {path}; `auto` would pick them until this run overwrites them")
         s = state["sampler"]
         _print0(f"resumed from {path}: step {state['step']}, epoch {s['epoch']}, micro-batch {s['position']}")
         return state["step"]
@@ -282,16 +285,19 @@ def _print0(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _discard(path: str) -> None:
+    """Rename out of the checkpoint-N pattern (atomic), then delete: a kill mid-delete leaves only a leftover."""
+    doomed = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
+    os.replace(path, doomed)  # replaces the empty directory mkdtemp made
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _replace_dir(tmp: str, final: str) -> None:
-    """Rename tmp to final; an existing final (a re-run of the same step) is moved aside first, then deleted."""
-    old = None
+    """Rename tmp to final, discarding an existing final first (a re-run of the same step)."""
     if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=os.path.basename(final) + ".old-", dir=os.path.dirname(final))
-        os.replace(final, old)  # replaces the empty directory mkdtemp made
+        _discard(final)
     os.replace(tmp, final)
     _fsync_dir(os.path.dirname(final))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -304,14 +310,13 @@ def _fsync_dir(path: str) -> None:
 
 def _rotate(output_dir: str, limit: int | None, keep: str) -> None:
     """Delete the oldest complete checkpoints beyond --save_total_limit (never `keep`, the one just written).
-    Each is first renamed out of the checkpoint-N pattern, so a kill mid-delete cannot leave a damaged one."""
+    Checkpoints of an abandoned later trajectory (resumed from an older PATH) count too, by step."""
     if not limit:
         return
     found = [p for _, p in complete_checkpoints(output_dir)]
-    for path in [p for p in found[: max(len(found) - limit, 0)] if p != keep]:
-        doomed = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=output_dir)
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+    for path in found[: max(len(found) - limit, 0)]:
+        if path != keep:
+            _discard(path)
 
 
 def _trim_metrics(output_dir: str, step: int) -> None:
@@ -399,10 +404,10 @@ def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes
         buf, size = {}, 0
 
     rank0 = _rank0()
-    for name, t in _full_tensors(model, device="cpu" if rank0 else None):
+    for name, t in _full_tensors(model, device=None):
         if not rank0:
             continue
-        t = t.to(dtype).contiguous()
+        t = t.to("cpu", dtype).contiguous()  # one CPU copy, already in the saved dtype
         if buf and size + t.nbytes > max_shard_bytes:
             flush()
         buf[to_llava_key(name)] = t

@@ -178,6 +178,7 @@ def _logits(model, batch):
 
 
 @pytest.mark.dist
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load(no_dist=True) says so
 def test_stage2_folder_reloads_with_the_trained_logits(data, stage2_ref):
     """The HF folder, read back with LLaVA's key names and config.json only, gives the logits of the trained model
     (pretrained frozen weights + the trainable params of the final sharded checkpoint, resharded 2 ranks -> 1)."""
