@@ -46,9 +46,7 @@ def _env(**extra):
 
 def _launch(argv, log, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *argv]
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=log, stderr=subprocess.STDOUT)
 
 
 def torchrun(argv, out, expect_ok=True, **env) -> str:
@@ -109,6 +107,32 @@ def test_stage1_resume_is_exact_and_rotation_keeps_newest(data, stage1_ref, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc). torchrun starts each rank in a session of its own, so killing
+    torchrun's process group would leave the ranks running."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # exited (a zombie until reaped)
+    except OSError:
+        return True
+
+
 def _run_until_killed(argv, out, marker_of: int) -> str:
     """Start 2 ranks, SIGKILL torchrun and both ranks once checkpoint-<marker_of> is complete; returns the log."""
     path = os.path.join(out, f"killed-{marker_of}.txt")
@@ -118,8 +142,14 @@ def _run_until_killed(argv, out, marker_of: int) -> str:
         while not os.path.isfile(os.path.join(out, f"checkpoint-{marker_of}", MARKER)):
             assert proc.poll() is None and time.monotonic() < deadline, f"run ended before checkpoint-{marker_of}"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)  # mid-run: steps and saves after this checkpoint are underway
+        tree = _process_tree(proc.pid)
+        for pid in tree:  # kill -9 mid-run: steps and saves after this checkpoint are underway
+            os.kill(pid, signal.SIGKILL)
         proc.wait()
+        assert len(tree) >= 3, f"expected torchrun and 2 ranks, found {tree}"
+        while not all(map(_gone, tree)):
+            assert time.monotonic() < deadline, "killed ranks did not exit"
+            time.sleep(0.02)
     assert not os.path.exists(os.path.join(out, "model.safetensors.index.json")), "the run finished before the kill"
     with open(path) as f:
         return f.read()
