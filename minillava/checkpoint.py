@@ -222,7 +222,15 @@ class Checkpointer:
     def resume(self) -> int:
         """Restore --resume_from_checkpoint (auto | PATH) if given; returns the step to continue from (0: fresh)."""
         t = self.cfg.train
-        path = _broadcast(find_checkpoint(t.resume_from_checkpoint, t.output_dir) if _rank0() else None)
+        found = None
+        if _rank0():  # rank 0 looks, every rank gets the answer (or the error: no rank may wait for the others)
+            try:
+                found = (find_checkpoint(t.resume_from_checkpoint, t.output_dir), None)
+            except ValueError as e:
+                found = (None, str(e))
+        path, error = _broadcast(found)
+        if error:
+            raise ValueError(error)
         if path is None:
             if t.resume_from_checkpoint:
                 _print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}; starting fresh")
@@ -277,7 +285,8 @@ class Checkpointer:
         diffs = [f"{s}.{k}: {v!r} -> {new[s][k]!r}" for s, d in old.items() for k, v in d.items()
                  if k not in skip and new[s].get(k) != v]  # fmt: skip
         if diffs:
-            _print0(f"resuming with changed settings (checkpoint -> now): {', '.join(diffs)}")
+            _print0(f"resuming with changed settings (checkpoint -> now): {', '.join(diffs)}. Learning rates and "
+                    "weight decay stay the checkpoint's; warmup and total steps follow the current flags")  # fmt: skip
 
 
 def _print0(msg: str) -> None:

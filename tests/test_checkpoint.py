@@ -256,6 +256,10 @@ def test_mm_projector_bin_loads_fresh_and_as_pretrain_adapter(data, stage1_ref, 
 def test_refuses_changed_global_batch_or_dataset(data, stage2_ref, tmp_path):
     out = str(tmp_path / "o")
     shutil.copytree(os.path.join(stage2_ref, "checkpoint-8"), os.path.join(out, "checkpoint-8"))
+    incomplete = os.path.join(out, "checkpoint-10")
+    shutil.copytree(os.path.join(out, "checkpoint-8"), incomplete, ignore=shutil.ignore_patterns(MARKER))
+    with pytest.raises(ValueError, match="checkpoint-10: not a complete checkpoint"):
+        train.main(flags(data, out, resume_from_checkpoint=incomplete, **STAGE2))
     with pytest.raises(ValueError, match=r"was 2 x 1 x 2 = 4, now 1 x 1 x 2 = 2"):  # 1 rank instead of 2
         train.main(flags(data, out, resume_from_checkpoint="auto", **STAGE2))
     with pytest.raises(ValueError, match=r"the dataset had 16 samples, now 12"):  # 1 rank x GA 2: same batch
