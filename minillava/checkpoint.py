@@ -387,6 +387,8 @@ def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
         use_cache=True,
     )
     conf.pop("_name_or_path", None)
+    if "rope_theta" in (conf.get("rope_parameters") or {}):  # transformers 4.x (LLaVA) reads only the flat key
+        conf.setdefault("rope_theta", conf["rope_parameters"]["rope_theta"])
     return conf
 
 
