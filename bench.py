@@ -160,8 +160,11 @@ def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-    if t.gradient_checkpointing:
-        D.apply_activation_checkpointing(model.decoder_layers())
+    if args.compile:  # experiment: compile each block's forward; AC then checkpoints the compiled forward, and
+        for layer in model.decoder_layers():  # FSDP2's hooks stay outside it (they live on __call__)
+            layer.forward = torch.compile(layer.forward, dynamic=True, backend=args.compile_backend)
+    if t.gradient_checkpointing:  # --checkpoint_layers K: only the first K blocks (layer-selective AC)
+        D.apply_activation_checkpointing(model.decoder_layers()[: args.checkpoint_layers])
     D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=False)
     model.to_empty(device=device)
     torch.manual_seed(args.seed)
@@ -268,6 +271,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="per-device micro-batch (default: stage 1 32, stage 2 16)")
     ap.add_argument("--packing", **flag, help="train with --padding_free True")
     ap.add_argument("--gradient_checkpointing", **flag, help="activation checkpointing per LLM block")
+    ap.add_argument("--checkpoint_layers", type=int, default=None, help="with AC: checkpoint only the first K blocks")
+    ap.add_argument("--compile", **flag, help="experiment: torch.compile each LLM block (not a trainer flag yet)")
+    ap.add_argument("--compile_backend", default="inductor", help="aot_eager checks tracing on CPU without codegen")
     ap.add_argument("--steps", type=int, default=8, help="measured steps")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (allocator, kernels)")
     ap.add_argument("--text", type=int, default=None, help="fixed text tokens per image sample (hf_baseline shapes)")
@@ -305,7 +311,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with tempfile.TemporaryDirectory() as out:
             cfg = bench_config(args, out)
             result = measure(cfg, args, info)
-        keys = ("stage", "layers", "batch", "packing", "gradient_checkpointing", "text", "sim_world", "tiny", "seed")
+        keys = ("stage", "layers", "batch", "packing", "gradient_checkpointing", "checkpoint_layers", "compile")
+        keys += ("text", "sim_world", "tiny", "seed")
         record = {"what": "minillava", **{k: getattr(args, k) for k in keys}, **result}
         records.append(record | environment(info.device, args.packing))
         print(json.dumps(records[-1]), flush=True)

@@ -106,9 +106,14 @@ def _torch_varlen_causal(
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
-        else:  # same head order as transformers' repeat_kv
-            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        else:
+            k, v = _repeat_kv(q, k, v)
     return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kw)
+
+
+def _repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """GQA by repetition, in transformers' repeat_kv head order: (N, Hkv, Dh) -> (N, Hq, Dh)."""
+    return tuple(x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
 
 
 def resolve_backend(q: Tensor, backend: str = "auto") -> str:
@@ -130,7 +135,6 @@ def varlen_causal_attention(
     """Causal attention within each [cu_seqlens[i], cu_seqlens[i + 1]) segment. (N, Hq, Dh), (N, Hkv, Dh) x2 ->
     (N, Hq, Dh). GQA (Hq a multiple of Hkv) is handled by every backend."""
     backend = resolve_backend(q, backend)
-    gqa = q.shape[1] != k.shape[1]
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
@@ -139,9 +143,11 @@ def varlen_causal_attention(
         )
     if backend == "torch":
         return _torch_varlen_causal(q, k, v, cu_seqlens, max_len, scale)
+    if q.shape[1] != k.shape[1]:  # repeat rather than SDPA's enable_gqa: a SymBool argument breaks torch.compile
+        k, v = _repeat_kv(q, k, v)
     mask = block_causal_mask(cu_seqlens, q.shape[0])  # (N, N): O(N^2) memory, a CPU / fp32 correctness path
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=gqa
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
     )  # (Hq, N, Dh)
     return out.transpose(0, 1)
 
