@@ -32,7 +32,8 @@ STAGE1 = dict(max_steps=6, save_steps=2, save_total_limit=2, dataloader_num_work
 
 @pytest.fixture(scope="module")
 def data(assets):  # noqa: F811
-    """test_train's assets with a stage-2 dataset of its own (image, multi-turn and text-only samples)."""
+    """test_train's assets plus a stage-2 dataset of image, multi-turn and text-only samples. (assets["data"] is not
+    one: conftest.write_llava_dataset names its JSON after the last image, so the pretrain call overwrites it.)"""
     mixed, _ = write_llava_dataset(str(assets["root"] / "mixed"), n_image=12, n_text=4)
     with open(mixed) as f:  # same images as assets["images"]; only the JSON is used
         assert len(json.load(f)) == 16
