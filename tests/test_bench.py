@@ -51,3 +51,24 @@ def test_bench_compile_experiment_traces_without_graph_breaks_and_keeps_losses()
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2  # 2 blocks, 3 steps
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5, abs=1e-5)
     torch._dynamo.reset()
+
+
+def test_summarise_arithmetic():
+    """Totals over steps / total time; padding = 1 - real / computed positions; the lm_head correction removes
+    k * V * D FLOPs for every unlabelled position (k = 4 frozen LLM, 6 trained)."""
+    from minillava.metrics import FlopModel
+
+    flops = FlopModel(
+        llm_matmul=100, llm_layers=1, hidden=2, vit_layer=0, vit_layers_run=0, vit_hidden=0, vit_tokens=0,
+        projector=0, image_tokens=1, llm_trainable=False, projector_trainable=True,
+    )  # fmt: skip
+    rows = [
+        dict(dt=1.0, data=0.1, seq=[3, 5], positions=10, labels=2),
+        dict(dt=3.0, data=0.1, seq=[4], positions=4, labels=1),
+    ]
+    out = bench.summarise(rows, flops, head=10, peak=1e3, peak_mem=None)
+    counted = sum(4 * 100 * n + 3 * 4 * n * n * 2 / 2 + 6 * 0 for n in (3, 5, 4))  # LLM + causal attention
+    assert out["samples_per_s"] == 0.75 and out["tokens_per_s"] == 3 and out["mean_seq_len"] == 4.0
+    assert out["padding_share"] == round(1 - 12 / 14, 4) and out["data_wait_share"] == 0.05
+    assert out["mfu"] == round(counted / 4.0 / 1e3, 4)
+    assert out["mfu_lm_head_labelled_only"] == round((counted - 4 * 10 * (12 - 3)) / 4.0 / 1e3, 4)
