@@ -40,7 +40,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass(frozen=True)
 class LengthMix:
-    """Text tokens per sample (the image adds num_image_tokens - 1 after the splice; BOS is counted in the text).
+    """Text tokens per sample besides BOS: an image sample's LLM sequence is 1 + 576 + text tokens (hf_baseline.py's
+    T = 1 + n_img + text), a text-only sample's 1 + text tokens; model_max_length truncates after the splice.
 
     Image samples draw uniformly from image_text; a text_only_share of samples (LLaVA-665K: 40K ShareGPT of 665K,
     about 6%) have no image (a zero image, as LLaVA's collator gives them) and draw from text_only. Labels: stage 1
@@ -54,7 +55,7 @@ class LengthMix:
 
 MIXES = {  # stage -> mix; "tiny" shapes scale lengths down about 20x so a CPU run takes seconds
     1: LengthMix(image_text=(20, 60)),  # LLaVA-558K captions
-    2: LengthMix(image_text=(100, 600), text_only=(128, 2048), text_only_share=0.06),  # LLaVA-665K instructions
+    2: LengthMix(image_text=(100, 600), text_only=(128, 2047), text_only_share=0.06),  # LLaVA-665K; <= 2048 with BOS
 }
 TINY_MIXES = {
     1: LengthMix(image_text=(2, 6)),
@@ -78,20 +79,20 @@ def sample_lengths(mix: LengthMix, n: int, seed: int, fixed_text: int | None = N
 
 def make_batch(lengths: list[int], stage: int, image_size: int, vocab: int, g: torch.Generator) -> dict:
     """A right-padded micro-batch in DataCollator's format: [BOS, <image>, text...] or [BOS, text...]."""
-    T = max(abs(n) + (n > 0) for n in lengths)
+    T = max(abs(n) + 1 + (n > 0) for n in lengths)
     B = len(lengths)
     ids = torch.zeros(B, T, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
     for i, n in enumerate(lengths):
-        k = abs(n) + (n > 0)  # input ids incl. the single <image> placeholder
+        k = abs(n) + 1 + (n > 0)  # input ids: BOS, the single <image> placeholder, text
         ids[i, :k] = torch.randint(3, vocab, (k,), generator=g)
         ids[i, 0] = 1
         first_label = 1 if n < 0 else 2  # past BOS (and <image>)
         if n > 0:
             ids[i, 1] = IMAGE_TOKEN_INDEX
         if stage == 2:
-            first_label += (abs(n) - 1) // 3
+            first_label += abs(n) // 3
         labels[i, first_label:k] = ids[i, first_label:k]
         mask[i, :k] = True
     pixels = torch.randn(B, 3, image_size, image_size, generator=g)

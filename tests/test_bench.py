@@ -26,7 +26,7 @@ def test_bench_tiny_stage2_packed_vs_padded():
 def test_bench_tiny_stage1_fixed_text_with_checkpointing():
     record = run("--stage", "1", "--text", "5", "--gradient_checkpointing")
     assert record["padding_share"] == 0  # every sample has the same length
-    assert record["mean_seq_len"] == 1 + 4 + 5 - 1  # BOS + 4 patches + 5 text tokens (BOS counted in the text)
+    assert record["mean_seq_len"] == 1 + 4 + 5  # BOS + 4 patches + 5 text tokens, as hf_baseline.py's T
 
 
 def test_bench_baseline_needs_cuda():
