@@ -1,7 +1,6 @@
 """Hermetic fixtures: a Vicuna-style SentencePiece tokenizer trained in-process, a CLIP image processor, tiny
 Llama/CLIP configs, PIL images and a LLaVA-format JSON. Nothing is downloaded (HF offline mode is forced)."""
 
-import io
 import json
 import os
 import random
@@ -12,114 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from PIL import Image
 
-SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
-SHAPES = ["square", "circle", "triangle"]
-WORDS = [
-    "the",
-    "a",
-    "an",
-    "image",
-    "picture",
-    "photo",
-    "shows",
-    "describe",
-    "what",
-    "is",
-    "colour",
-    "color",
-    "of",
-    "this",
-    "shape",
-    "there",
-    "on",
-    "background",
-    "please",
-    "answer",
-    "question",
-    "short",
-    "long",
-    "small",
-    "large",
-    "one",
-    "two",
-    "three",
-    "yes",
-    "no",
-    "it",
-    "in",
-    "with",
-    "and",
-]
-
-
-def _corpus(n: int = 4000) -> list[str]:
-    """Text shaped like LLaVA data (v1 prompts, captions, questions) so the BPE merges resemble Vicuna's. No newlines
-    and no <image>: as in Vicuna, "\n" and "<" then reach the model through byte fallback."""
-    r = random.Random(0)
-    out = []
-    for _ in range(n):
-        q = " ".join(r.choice(WORDS + COLOURS + SHAPES) for _ in range(r.randint(3, 12))) + r.choice("?.!")
-        a = " ".join(r.choice(WORDS + COLOURS + SHAPES) for _ in range(r.randint(1, 10))) + "."
-        kind = r.random()
-        if kind < 0.15:
-            out.append(f"{SYSTEM} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>")
-        elif kind < 0.7:
-            out.append(f"A {r.choice(COLOURS)} {r.choice(SHAPES)} on a {r.choice(COLOURS)} background.")
-        else:
-            out.append(q + " " + a)
-    return out
-
-
-def build_tokenizer_dir(path: str, vocab_size: int = 512) -> str:
-    """Write a Vicuna-v1.5-like tokenizer folder: tokenizer.model only (no tokenizer.json), legacy=false,
-    <unk>=0, <s>=1, </s>=2, byte fallback, LLaMA's identity normalisation with the dummy '▁' prefix."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        split_digits=True,
-        add_dummy_prefix=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-    )
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
-        f.write(model.getvalue())
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "legacy": False,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": None,
-        "model_max_length": 2048,
-        "padding_side": "right",
-        "clean_up_tokenization_spaces": False,
-    }
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return path
+from minillava.demo import COLOURS, SHAPES, SYSTEM, WORDS, build_tokenizer_dir, draw_shape  # noqa: F401
 
 
 def build_image_processor(size: int = 28):
@@ -165,23 +58,6 @@ def tiny_clip_config(**kw):
     return CLIPVisionConfig(**args)
 
 
-def draw_shape(colour: str, shape: str, size: tuple[int, int] = (40, 30), bg: str = "white") -> Image.Image:
-    """A coloured shape on a background; non-square by default so expand2square has work to do."""
-    from PIL import ImageDraw
-
-    img = Image.new("RGB", size, bg)
-    d = ImageDraw.Draw(img)
-    w, h = size
-    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
-    if shape == "circle":
-        d.ellipse(box, fill=colour)
-    elif shape == "triangle":
-        d.polygon([(w // 2, h // 4), (w // 4, 3 * h // 4), (3 * w // 4, 3 * h // 4)], fill=colour)
-    else:
-        d.rectangle(box, fill=colour)
-    return img
-
-
 def write_llava_dataset(
     root: str, n_image: int = 6, n_text: int = 2, multi_turn: bool = True, name: str = "data.json"
 ) -> tuple[str, str]:
@@ -193,15 +69,15 @@ def write_llava_dataset(
     records = []
     for i in range(n_image):
         colour, shape = COLOURS[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
-        name = f"img_{i}.png"
-        draw_shape(colour, shape, size=(40 + 4 * i, 30)).save(os.path.join(image_folder, name))
+        image_name = f"img_{i}.png"
+        draw_shape(colour, shape, size=(40 + 4 * i, 30)).save(os.path.join(image_folder, image_name))
         convs = [
             {"from": "human", "value": "<image>\nWhat is the colour of the shape?"},
             {"from": "gpt", "value": f"The shape is {colour}."},
         ]
         if multi_turn and i % 2:
             convs += [{"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": f"A {shape}."}]
-        records.append({"id": f"img-{i}", "image": name, "conversations": convs})
+        records.append({"id": f"img-{i}", "image": image_name, "conversations": convs})
     for i in range(n_text):
         q = " ".join(r.choice(WORDS) for _ in range(5))
         records.append(
