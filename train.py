@@ -21,6 +21,7 @@ from minillava import distributed as D
 from minillava.checkpoint import Checkpointer, save_final
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
+from minillava.export import checkpoint_kind, llava_checkpoint_configs, load_llava_checkpoint_state, read_settings
 from minillava.metrics import (
     FlopModel,
     MetricsLogger,
@@ -82,14 +83,22 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: Config, info: D.DistInfo):
     """Meta-device build -> freeze -> checkpointing -> fully_shard -> weights streamed from rank 0."""
     m, t = cfg.model, cfg.train
-    llm_config = AutoConfig.from_pretrained(m.model_name_or_path)
-    vision_config = CLIPVisionConfig.from_pretrained(m.vision_tower)
+    from_llava = checkpoint_kind(m.model_name_or_path) is not None  # a llava-hf or LLaVA-format stage-2 folder
+    if from_llava:
+        llm_config, vision_config = llava_checkpoint_configs(m.model_name_or_path, m.vision_tower)
+        for f, v in vars(read_settings(m.model_name_or_path)).items():  # the model must be the one trained
+            if f.startswith("mm_") and getattr(m, f) != v:
+                raise ValueError(f"--{f} {getattr(m, f)!r}: {m.model_name_or_path} was trained with {v!r}")
+    else:
+        llm_config = AutoConfig.from_pretrained(m.model_name_or_path)
+        vision_config = CLIPVisionConfig.from_pretrained(m.vision_tower)
     kw = dict(
         mm_projector_type=m.mm_projector_type,
         mm_vision_select_layer=m.mm_vision_select_layer,
         mm_vision_select_feature=m.mm_vision_select_feature,
         model_max_length=t.model_max_length,
         attn_implementation=t.attn_implementation,
+        padding_free=t.padding_free,
     )
     with torch.device("meta"):
         model = build_llava_from_config(llm_config, vision_config, **kw)
@@ -115,13 +124,17 @@ def build_model(cfg: Config, info: D.DistInfo):
     )
     state = None
     if info.is_main:  # only rank 0 reads the weights; the projector is initialised (or loaded) here too
-        state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
+        if from_llava:  # LLM, tower and projector from the checkpoint
+            state = load_llava_checkpoint_state(m.model_name_or_path, m.vision_tower)[2]
+        else:
+            state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
         torch.manual_seed(t.seed)
         holder = torch.nn.Module()
         holder.mm_projector = build_projector(m.mm_projector_type, vision_config.hidden_size, llm_config.hidden_size)
         if m.pretrain_mm_mlp_adapter:
             load_mm_projector(holder, m.pretrain_mm_mlp_adapter)
-        state.update(holder.state_dict())
+        if not from_llava or m.pretrain_mm_mlp_adapter or m.init_projector == "random":  # else: the checkpoint's
+            state.update(holder.state_dict())
     D.materialize_and_load(model, state, info.device)
     return model, flops
 

@@ -209,7 +209,7 @@ class Config:
         # LLaVA silently starts stage 2 from a random projector when the adapter path is forgotten (its default
         # is None), which wastes a whole finetune. We refuse unless the user opts in with --init_projector random.
         adapter, init = v["pretrain_mm_mlp_adapter"], v["init_projector"]
-        if not v["tune_mm_mlp_adapter"] and adapter is None and init == "auto":
+        if not v["tune_mm_mlp_adapter"] and adapter is None and init == "auto" and not _is_llava_checkpoint(v):
             raise ValueError(
                 "--pretrain_mm_mlp_adapter is required when the projector is not trained from scratch "
                 "(--tune_mm_mlp_adapter False, i.e. stage 2): pass the stage-1 output_dir/mm_projector.bin, "
@@ -217,6 +217,13 @@ class Config:
             )
         if init == "random" and adapter is not None:
             raise ValueError("--init_projector random contradicts --pretrain_mm_mlp_adapter; give one of them")
+
+
+def _is_llava_checkpoint(v: dict[str, Any]) -> bool:
+    """--model_name_or_path is a llava-hf / LLaVA stage-2 folder: the projector comes with it."""
+    from minillava.export import checkpoint_kind  # lazy: config stays light
+
+    return checkpoint_kind(v["model_name_or_path"]) is not None
 
 
 class _Parser(argparse.ArgumentParser):
