@@ -117,7 +117,7 @@ IGNORED_FLAGS: dict[str, tuple[tuple[Any, ...] | None, str | None]] = {
     "per_device_eval_batch_size": (None, "there is no evaluation loop"),
     "lazy_preprocess": (None, "the dataset is always lazy"),
     "tf32": (None, "TF32 matmuls are always enabled on GPU"),
-    "save_strategy": (("steps", "no"), "checkpoints are written every --save_steps (0 = final only)"),
+    "save_strategy": (("steps", "no"), "checkpoints are written every --save_steps (0 = final only; 'no' sets 0)"),
     "remove_unused_columns": (None, "there is no HF Trainer column pruning"),
     "mpt_attn_impl": (None, "MPT is not supported"),
     "cache_dir": (None, "weights load through the default HF cache"),
@@ -293,6 +293,8 @@ def _consume_ignored(explicit: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> Config:
     """Resolve dataclass defaults < --stage preset < explicit flags (argv, default sys.argv[1:]) into a Config."""
     explicit = vars(_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    if str(explicit.get("save_strategy", "")).lower() == "no" and "save_steps" not in explicit:
+        explicit["save_steps"] = 0  # HF's save_strategy "no": no mid-run checkpoints, only the final save
     _consume_ignored(explicit)
     if "deepspeed" in explicit:
         if "reshard_after_forward" in explicit:

@@ -388,3 +388,24 @@ def test_configs_differ_from_llava_only_in_launcher_and_paths() -> None:
             x.split()[0] in {"--model_name_or_path", "--output_dir", "--pretrain_mm_mlp_adapter"} for x, _ in diff[1:]
         )
         assert all(x.split()[0] == y.split()[0] and "7b" in x and "13b" in y for x, y in diff[1:])
+
+
+def test_save_strategy_no_turns_mid_run_checkpoints_off():
+    base = [
+        "--model_name_or_path",
+        "m",
+        "--vision_tower",
+        "v",
+        "--data_path",
+        "d",
+        "--image_folder",
+        "i",
+        "--output_dir",
+        "o",
+        "--stage",
+        "1",
+    ]
+    with pytest.warns(ConfigWarning):
+        assert parse_args([*base, "--save_strategy", "no"]).train.save_steps == 0
+    with pytest.warns(ConfigWarning):
+        assert parse_args([*base, "--save_strategy", "steps"]).train.save_steps == 24000
