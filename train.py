@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, CLIPVisionConfig
 
 from minillava import distributed as D
-from minillava.checkpoint import Checkpointer, save_final
+from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
 from minillava.export import checkpoint_kind, llava_checkpoint_configs, load_llava_checkpoint_state, read_settings
@@ -39,6 +39,7 @@ from minillava.model import (
     set_trainable,
 )
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
+from minillava.outputs import save_final
 from minillava.sampler import DistributedModalityLengthSampler
 
 

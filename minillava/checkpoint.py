@@ -1,4 +1,4 @@
-"""Resumable checkpoints (torch.distributed.checkpoint, sharded) and the final outputs in LLaVA's formats (ref 8).
+"""Resumable checkpoints: sharded torch.distributed.checkpoint (DCP) state, atomic saves, rotation and exact resume.
 
 Every --save_steps, output_dir/checkpoint-N/ (each rank writes its own shards; the model is never gathered):
   .metadata, __<rank>_0.distcp    DCP: trainable params (frozen ones are re-read from the pretrained folders on
@@ -11,10 +11,7 @@ Every --save_steps, output_dir/checkpoint-N/ (each rank writes its own shards; t
 Atomic: all of it goes to checkpoint-N.tmp-XXXX, COMPLETE last, then one directory rename. Resume only takes
 checkpoint-N directories holding COMPLETE, so a kill at any moment leaves every earlier checkpoint usable.
 
-Final (ref 8.1/8.2), gathered one tensor at a time and written by rank 0 through a staging directory:
-stage 1 -> output_dir/mm_projector.bin (keys model.mm_projector.*) + config.json
-stage 2 -> output_dir as an HF folder: config.json (llava_llama, mm_* fields), model-0000x-of-0000y.safetensors +
-           index with LLaVA's key names, generation_config.json, tokenizer files.
+The final outputs (mm_projector.bin, the stage-2 HF folder) live in minillava/outputs.py.
 """
 
 import json
@@ -22,15 +19,11 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,10 +32,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
 from minillava.config import CONFIG_NAME
-from minillava.model import to_llava_key
+from minillava.outputs import (
+    atomic_write,
+    broadcast,
+    discard_dir,
+    llava_config,
+    make_tmp_dir,
+    rank0,
+    read_json,
+    replace_dir,
+    save_projector,
+    write_json,
+    write_text,
+)
 
 MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.json"
@@ -50,54 +54,6 @@ TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen keys are absent on purpose
 CRASH_HOOK = "MINILLAVA_TEST_CRASH_IN_SAVE"  # tests only: =N makes every rank os._exit in save N before COMPLETE
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-_LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
-
-
-def _rank0() -> bool:
-    return dist.get_rank() == 0
-
-
-def _broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    _atomic(path, lambda tmp: _write(tmp, json.dumps(obj, indent=2, default=str) + "\n"))
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _tmp_dir(parent: str, prefix: str) -> str:
-    """A fresh directory inside `parent` (same filesystem, so the final rename is atomic), made by rank 0."""
-    path = None
-    if _rank0():
-        os.makedirs(parent, exist_ok=True)
-        for name in os.listdir(parent):  # leftovers of a killed save; only this run writes here
-            if _LEFTOVER.fullmatch(name):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-        path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o777 & ~umask)  # mkdtemp's 0700 would hide checkpoints from the other users of a cluster
-    return _broadcast(path)
 
 
 # ---------------------------------------------------------------------------------------------- resumable state
@@ -193,7 +149,7 @@ class Checkpointer:
     def save(self, step: int) -> str:
         """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path."""
         t, rank = self.cfg.train, dist.get_rank()
-        tmp = _tmp_dir(t.output_dir, f"checkpoint-{step}.tmp-")
+        tmp = make_tmp_dir(t.output_dir, f"checkpoint-{step}.tmp-")
         state = {"model": get_model_state_dict(self.model, options=TRAINABLE)}
         state["optimizer"] = _optimizer_state(self.model, self.optimizer)
         dcp.save(state, checkpoint_id=tmp)
@@ -204,17 +160,17 @@ class Checkpointer:
             spe = self.sampler.steps_per_epoch
             sampler = {"epoch": step // spe, "position": step % spe * t.gradient_accumulation_steps}
             trainer = {"step": step, "sampler": sampler, "scheduler": self.scheduler.state_dict(), "run": self.shape}
-            _write_json(os.path.join(tmp, STATE_NAME), trainer)
-            _write_json(os.path.join(tmp, CONFIG_NAME), self.cfg.to_dict())
+            write_json(os.path.join(tmp, STATE_NAME), trainer)
+            write_json(os.path.join(tmp, CONFIG_NAME), self.cfg.to_dict())
             if self.cfg.model.tune_mm_mlp_adapter:
-                _write_json(os.path.join(tmp, "config.json"), llava_config(self.model, self.cfg, self.dtype))
+                write_json(os.path.join(tmp, "config.json"), llava_config(self.model, self.cfg, self.dtype))
         dist.barrier()  # every rank's files are in tmp
         if os.environ.get(CRASH_HOOK) == str(step):
             os._exit(1)  # test hook: as if killed mid-save
         final = os.path.join(t.output_dir, f"checkpoint-{step}")
         if rank == 0:
-            _write(os.path.join(tmp, MARKER), f"{step}\n")
-            _replace_dir(tmp, final)
+            write_text(os.path.join(tmp, MARKER), f"{step}\n")
+            replace_dir(tmp, final)
             _rotate(t.output_dir, t.save_total_limit, keep=final)
         dist.barrier()
         return final
@@ -223,19 +179,19 @@ class Checkpointer:
         """Restore --resume_from_checkpoint (auto | PATH) if given; returns the step to continue from (0: fresh)."""
         t = self.cfg.train
         found = None
-        if _rank0():  # rank 0 looks, every rank gets the answer (or the error: no rank may wait for the others)
+        if rank0():  # rank 0 looks, every rank gets the answer (or the error: no rank may wait for the others)
             try:
                 found = (find_checkpoint(t.resume_from_checkpoint, t.output_dir), None)
             except ValueError as e:
                 found = (None, str(e))
-        path, error = _broadcast(found)
+        path, error = broadcast(found)
         if error:
             raise ValueError(error)
         if path is None:
             if t.resume_from_checkpoint:
                 _print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}; starting fresh")
             return 0
-        state = _read_json(os.path.join(path, STATE_NAME))
+        state = read_json(os.path.join(path, STATE_NAME))
         self._check_shape(state["run"], path)
         self._report_config_changes(path)
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
@@ -254,7 +210,7 @@ class Checkpointer:
         rng = os.path.join(path, f"rng_state_{dist.get_rank()}.pth")
         if os.path.isfile(rng):  # absent when the world size changed (allowed if world x GA x batch did not)
             _set_rng_state(torch.load(rng, weights_only=True))
-        if _rank0():
+        if rank0():
             _trim_metrics(t.output_dir, state["step"])
             later = [p for step, p in complete_checkpoints(t.output_dir) if step > state["step"]]
             if later:  # resumed from an older PATH: these belong to the trajectory being replaced
@@ -280,7 +236,7 @@ class Checkpointer:
             )
 
     def _report_config_changes(self, path: str) -> None:
-        old, new = _read_json(os.path.join(path, CONFIG_NAME)), self.cfg.to_dict()
+        old, new = read_json(os.path.join(path, CONFIG_NAME)), self.cfg.to_dict()
         skip = {"output_dir", "resume_from_checkpoint"}
         diffs = [f"{s}.{k}: {v!r} -> {new[s][k]!r}" for s, d in old.items() for k, v in d.items()
                  if k not in skip and new[s].get(k) != v]  # fmt: skip
@@ -290,31 +246,8 @@ class Checkpointer:
 
 
 def _print0(msg: str) -> None:
-    if _rank0():
+    if rank0():
         print(msg, flush=True)
-
-
-def _discard(path: str) -> None:
-    """Rename out of the checkpoint-N pattern (atomic), then delete: a kill mid-delete leaves only a leftover."""
-    doomed = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
-    os.replace(path, doomed)  # replaces the empty directory mkdtemp made
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-    """Rename tmp to final, discarding an existing final first (a re-run of the same step)."""
-    if os.path.exists(final):
-        _discard(final)
-    os.replace(tmp, final)
-    _fsync_dir(os.path.dirname(final))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rotate(output_dir: str, limit: int | None, keep: str) -> None:
@@ -325,7 +258,7 @@ def _rotate(output_dir: str, limit: int | None, keep: str) -> None:
     found = [p for _, p in complete_checkpoints(output_dir)]
     for path in found[: max(len(found) - limit, 0)]:
         if path != keep:
-            _discard(path)
+            discard_dir(path)
 
 
 def _trim_metrics(output_dir: str, step: int) -> None:
@@ -341,131 +274,4 @@ def _trim_metrics(output_dir: str, step: int) -> None:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError):
                 pass  # a line torn by the kill
-    _atomic(path, lambda tmp: _write(tmp, "".join(keep)))
-
-
-# ---------------------------------------------------------------------------------------------- final outputs
-
-
-def _full_tensors(model: nn.Module, prefix: str = "", device: str | None = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full tensor) for every parameter/buffer of the state dict whose name starts with `prefix`, moved
-    to `device` (None: left where the all-gather put it, for ranks that discard it). Every rank must iterate: each
-    DTensor.full_tensor() is an all-gather. Only one full tensor exists at a time."""
-    for name, value in get_model_state_dict(model).items():  # sharded views, nothing gathered yet
-        if not name.startswith(prefix):
-            continue
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
-        yield name, value.detach() if device is None else value.detach().to(device)
-
-
-def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
-    """The LLM's config.json plus LLaVA's mm_* fields (llava-reference.md 8.4), model_type llava_llama."""
-    conf = model.llm.config.to_dict()
-    m, d, t = cfg.model, cfg.data, cfg.train
-    dtype_name = str(dtype).removeprefix("torch.")
-    conf.update(
-        model_type="llava_llama",
-        architectures=["LlavaLlamaForCausalLM"],
-        dtype=dtype_name,  # of the saved weights (the in-memory LLM config says float32)
-        torch_dtype=dtype_name,  # the key transformers 4.x (LLaVA's loader) reads
-        mm_vision_tower=m.vision_tower,
-        use_mm_proj=True,
-        mm_projector_type=m.mm_projector_type,
-        mm_hidden_size=model.vision_tower.config.hidden_size,
-        mm_vision_select_layer=m.mm_vision_select_layer,
-        mm_vision_select_feature=m.mm_vision_select_feature,
-        mm_patch_merge_type=m.mm_patch_merge_type,
-        image_aspect_ratio=d.image_aspect_ratio,
-        tokenizer_padding_side="right",
-        tokenizer_model_max_length=t.model_max_length,
-        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
-        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
-        mm_use_im_start_end=m.mm_use_im_start_end,
-        mm_projector_lr=t.mm_projector_lr,
-        mm_use_im_patch_token=m.mm_use_im_patch_token,
-        use_cache=True,
-    )
-    conf.pop("_name_or_path", None)
-    if "rope_theta" in (conf.get("rope_parameters") or {}):  # transformers 4.x (LLaVA) reads only the flat key
-        conf.setdefault("rope_theta", conf["rope_parameters"]["rope_theta"])
-    return conf
-
-
-def save_projector(model: nn.Module, path: str, dtype: torch.dtype) -> None:
-    """Write LLaVA's mm_projector.bin (keys model.mm_projector.{0,2}.{weight,bias}). Collective: call on all ranks."""
-    state = {to_llava_key(n): t.to(dtype) for n, t in _full_tensors(model, "mm_projector.")}
-    if _rank0():
-        _atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
-    """Stream the full model into model-0000x-of-0000y.safetensors in `out` (rank 0 writes, every rank gathers),
-    HF's rule: a tensor that would overflow the current shard starts the next one. Rank 0 holds at most one shard
-    plus one gathered tensor. Returns the index (LLaVA key -> file, total tensor bytes) on rank 0."""
-    shards: list[list[str]] = []
-    buf: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal buf, size
-        save_file(buf, os.path.join(out, f"part-{len(shards)}"), metadata={"format": "pt"})
-        os.chmod(os.path.join(out, f"part-{len(shards)}"), 0o644)  # safetensors creates 0600 files
-        shards.append(list(buf))
-        buf, size = {}, 0
-
-    rank0 = _rank0()
-    for name, t in _full_tensors(model, device=None):
-        if not rank0:
-            continue
-        t = t.to("cpu", dtype).contiguous()  # one CPU copy, already in the saved dtype
-        if buf and size + t.nbytes > max_shard_bytes:
-            flush()
-        buf[to_llava_key(name)] = t
-        size += t.nbytes
-        total += t.nbytes
-    weight_map: dict[str, str] = {}
-    if rank0:
-        flush()
-        for i, keys in enumerate(shards):
-            final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            os.replace(os.path.join(out, f"part-{i}"), os.path.join(out, final))
-            weight_map.update(dict.fromkeys(keys, final))
-    return {"metadata": {"total_size": total}, "weight_map": weight_map}
-
-
-def _publish(stage: str, out: str) -> None:
-    """Move the staged files into `out`, index and config.json last; remove shards of an earlier save that the new
-    index does not list. Every file was complete before its rename."""
-    names = sorted(os.listdir(stage), key=lambda n: (n in ("model.safetensors.index.json", "config.json"), n))
-    if "model.safetensors.index.json" in names:
-        for old in os.listdir(out):
-            if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old) and old not in names:
-                os.remove(os.path.join(out, old))
-    for name in names:
-        os.replace(os.path.join(stage, name), os.path.join(out, name))
-    _fsync_dir(out)
-    os.rmdir(stage)
-
-
-def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, streamed shard by shard. Everything is
-    written into a staging directory inside output_dir and renamed into place at the end, so a kill mid-save
-    leaves no partial file in output_dir. Collective: call on all ranks."""
-    out = cfg.train.output_dir
-    stage = _tmp_dir(out, ".final.tmp-")
-    if cfg.model.tune_mm_mlp_adapter:
-        save_projector(model, os.path.join(stage, "mm_projector.bin"), dtype)
-    else:
-        index = _save_shards(model, stage, dtype, max_shard_bytes)
-    if _rank0():
-        if not cfg.model.tune_mm_mlp_adapter:
-            _write_json(os.path.join(stage, "model.safetensors.index.json"), index)
-            model.llm.generation_config.save_pretrained(stage)
-            tokenizer.save_pretrained(stage)
-            sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
-            if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
-                shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
-        _write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
-        _publish(stage, out)
-    dist.barrier()
+    atomic_write(path, lambda tmp: write_text(tmp, "".join(keep)))

@@ -13,9 +13,9 @@ from test_train import assets, flags, losses  # noqa: F401  (assets is a fixture
 
 import train
 from minillava import distributed as D
-from minillava.checkpoint import _full_tensors
 from minillava.config import parse_args
 from minillava.model import pretrained_state_dict
+from minillava.outputs import full_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,10 +33,10 @@ def test_stage1_leaves_llm_and_tower_bit_identical(assets, tmp_path):  # noqa: F
         loader, sampler = train.build_loader(cfg, *_processors(cfg), info)
         optimizer, scheduler = train.build_optimizer(model, cfg.train, 3)
         stream = train.micro_batch_stream(loader, sampler, 0, info.device)
-        before = {n: t.clone() for n, t in _full_tensors(model)}
+        before = {n: t.clone() for n, t in full_tensors(model)}
         for _ in range(3):
             train.train_step(model, [next(stream)[1]], optimizer, scheduler, cfg)
-        after = dict(_full_tensors(model))
+        after = dict(full_tensors(model))
         reference = pretrained_state_dict(cfg.model.model_name_or_path, cfg.model.vision_tower)
         for name, value in after.items():
             if name.startswith("mm_projector."):

@@ -1,0 +1,221 @@
+"""Final outputs in LLaVA's formats (llava-reference.md 8.1/8.2) and the atomic file helpers checkpoints share.
+
+Final (ref 8.1/8.2), gathered one tensor at a time and written by rank 0 through a staging directory:
+stage 1 -> output_dir/mm_projector.bin (keys model.mm_projector.*) + config.json
+stage 2 -> output_dir as an HF folder: config.json (llava_llama, mm_* fields), model-0000x-of-0000y.safetensors +
+           index with LLaVA's key names, generation_config.json, tokenizer files.
+Writes go to a temporary name (file or staging directory) and are renamed into place, so a kill never leaves
+a half-written output.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from minillava.model import to_llava_key
+
+_LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
+
+
+def rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def make_tmp_dir(parent: str, prefix: str) -> str:
+    """A fresh directory inside `parent` (same filesystem, so the final rename is atomic), made by rank 0."""
+    path = None
+    if rank0():
+        os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):  # leftovers of a killed save; only this run writes here
+            if _LEFTOVER.fullmatch(name):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o777 & ~umask)  # mkdtemp's 0700 would hide checkpoints from the other users of a cluster
+    return broadcast(path)
+
+
+def discard_dir(path: str) -> None:
+    """Rename out of the checkpoint-N pattern (atomic), then delete: a kill mid-delete leaves only a leftover."""
+    doomed = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
+    os.replace(path, doomed)  # replaces the empty directory mkdtemp made
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Rename tmp to final, discarding an existing final first (a re-run of the same step)."""
+    if os.path.exists(final):
+        discard_dir(final)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def full_tensors(model: nn.Module, prefix: str = "", device: str | None = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) for every parameter/buffer of the state dict whose name starts with `prefix`, moved
+    to `device` (None: left where the all-gather put it, for ranks that discard it). Every rank must iterate: each
+    DTensor.full_tensor() is an all-gather. Only one full tensor exists at a time."""
+    for name, value in get_model_state_dict(model).items():  # sharded views, nothing gathered yet
+        if not name.startswith(prefix):
+            continue
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        yield name, value.detach() if device is None else value.detach().to(device)
+
+
+def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
+    """The LLM's config.json plus LLaVA's mm_* fields (llava-reference.md 8.4), model_type llava_llama."""
+    conf = model.llm.config.to_dict()
+    m, d, t = cfg.model, cfg.data, cfg.train
+    dtype_name = str(dtype).removeprefix("torch.")
+    conf.update(
+        model_type="llava_llama",
+        architectures=["LlavaLlamaForCausalLM"],
+        dtype=dtype_name,  # of the saved weights (the in-memory LLM config says float32)
+        torch_dtype=dtype_name,  # the key transformers 4.x (LLaVA's loader) reads
+        mm_vision_tower=m.vision_tower,
+        use_mm_proj=True,
+        mm_projector_type=m.mm_projector_type,
+        mm_hidden_size=model.vision_tower.config.hidden_size,
+        mm_vision_select_layer=m.mm_vision_select_layer,
+        mm_vision_select_feature=m.mm_vision_select_feature,
+        mm_patch_merge_type=m.mm_patch_merge_type,
+        image_aspect_ratio=d.image_aspect_ratio,
+        tokenizer_padding_side="right",
+        tokenizer_model_max_length=t.model_max_length,
+        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
+        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
+        mm_use_im_start_end=m.mm_use_im_start_end,
+        mm_projector_lr=t.mm_projector_lr,
+        mm_use_im_patch_token=m.mm_use_im_patch_token,
+        use_cache=True,
+    )
+    conf.pop("_name_or_path", None)
+    if "rope_theta" in (conf.get("rope_parameters") or {}):  # transformers 4.x (LLaVA) reads only the flat key
+        conf.setdefault("rope_theta", conf["rope_parameters"]["rope_theta"])
+    return conf
+
+
+def save_projector(model: nn.Module, path: str, dtype: torch.dtype) -> None:
+    """Write LLaVA's mm_projector.bin (keys model.mm_projector.{0,2}.{weight,bias}). Collective: call on all ranks."""
+    state = {to_llava_key(n): t.to(dtype) for n, t in full_tensors(model, "mm_projector.")}
+    if rank0():
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    """Stream the full model into model-0000x-of-0000y.safetensors in `out` (rank 0 writes, every rank gathers),
+    HF's rule: a tensor that would overflow the current shard starts the next one. Rank 0 holds at most one shard
+    plus one gathered tensor. Returns the index (LLaVA key -> file, total tensor bytes) on rank 0."""
+    shards: list[list[str]] = []
+    buf: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal buf, size
+        save_file(buf, os.path.join(out, f"part-{len(shards)}"), metadata={"format": "pt"})
+        os.chmod(os.path.join(out, f"part-{len(shards)}"), 0o644)  # safetensors creates 0600 files
+        shards.append(list(buf))
+        buf, size = {}, 0
+
+    on_rank0 = rank0()
+    for name, t in full_tensors(model, device=None):
+        if not on_rank0:
+            continue
+        t = t.to("cpu", dtype).contiguous()  # one CPU copy, already in the saved dtype
+        if buf and size + t.nbytes > max_shard_bytes:
+            flush()
+        buf[to_llava_key(name)] = t
+        size += t.nbytes
+        total += t.nbytes
+    weight_map: dict[str, str] = {}
+    if on_rank0:
+        flush()
+        for i, keys in enumerate(shards):
+            final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(os.path.join(out, f"part-{i}"), os.path.join(out, final))
+            weight_map.update(dict.fromkeys(keys, final))
+    return {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
+def _publish(stage: str, out: str) -> None:
+    """Move the staged files into `out`, index and config.json last; remove shards of an earlier save that the new
+    index does not list. Every file was complete before its rename."""
+    names = sorted(os.listdir(stage), key=lambda n: (n in ("model.safetensors.index.json", "config.json"), n))
+    if "model.safetensors.index.json" in names:
+        for old in os.listdir(out):
+            if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old) and old not in names:
+                os.remove(os.path.join(out, old))
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
+    fsync_dir(out)
+    os.rmdir(stage)
+
+
+def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, streamed shard by shard. Everything is
+    written into a staging directory inside output_dir and renamed into place at the end, so a kill mid-save
+    leaves no partial file in output_dir. Collective: call on all ranks."""
+    out = cfg.train.output_dir
+    stage = make_tmp_dir(out, ".final.tmp-")
+    if cfg.model.tune_mm_mlp_adapter:
+        save_projector(model, os.path.join(stage, "mm_projector.bin"), dtype)
+    else:
+        index = _save_shards(model, stage, dtype, max_shard_bytes)
+    if rank0():
+        if not cfg.model.tune_mm_mlp_adapter:
+            write_json(os.path.join(stage, "model.safetensors.index.json"), index)
+            model.llm.generation_config.save_pretrained(stage)
+            tokenizer.save_pretrained(stage)
+            sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
+            if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
+                shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
+        write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
+        _publish(stage, out)
+    dist.barrier()
