@@ -278,3 +278,21 @@ def test_main_writes_assets_and_prints_the_commands(tmp_path, capsys):
     assert all(c in printed for c in demo.training_commands(out))
     assert f"--evaluate --checkpoint {out}/stage2" in printed
     assert len(_load(os.path.join(out, "data", "eval.json"))) == 6
+
+
+@pytest.mark.dist
+def test_readme_demo_learns_colours(tmp_path):
+    """The README's demo command end to end (2-rank torchrun, stage 1 then stage 2, from nothing): the model must
+    answer the held-out colour question far above chance (1/6); configs/demo.sh itself fails below 0.5."""
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path / "demo"), "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "configs", "demo.sh")], env=env, capture_output=True, timeout=1500
+    )
+    log = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode == 0, log[-4000:]
+    accuracy = float(re.search(r"held-out colour accuracy of .*?: ([0-9.]+)", log).group(1))
+    assert accuracy >= 0.8, log[-2000:]
+    assert os.path.exists(tmp_path / "demo" / "stage1" / "mm_projector.bin")
+    assert os.path.exists(tmp_path / "demo" / "stage2" / "model.safetensors.index.json")
