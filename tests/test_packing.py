@@ -232,33 +232,23 @@ def test_packed_matches_padded_with_gqa_and_activation_checkpointing():
 
 def test_train_main_padding_free_gives_the_same_losses(assets, tmp_path, monkeypatch):  # noqa: F811
     """1-rank FSDP2 train.main, stage 2 (image + text-only samples, AC on): --padding_free True logs the losses of the
-    padded run (3 steps, rtol/atol 1e-5), and its LLM attention really ran on the packed path."""
+    padded run (3 steps, rtol/atol 1e-5), and the flag really reaches the model (the varlen attention runs)."""
     import train
 
-    calls, seen, run = [], [], {"padding_free": False}
-    real_attention, real_build = attention.varlen_causal_attention, train.build_llava_from_config
+    calls = []
+    real_attention = attention.varlen_causal_attention
 
     def counting(*a, **kw):
         calls.append(1)
         return real_attention(*a, **kw)
 
-    def build(*a, **kw):
-        seen.append(kw.get("padding_free", False))
-        kw["padding_free"] = run["padding_free"]  # until train.py forwards --padding_free itself (xfail below)
-        return real_build(*a, **kw)
-
     monkeypatch.setattr(attention, "varlen_causal_attention", counting)
-    monkeypatch.setattr(train, "build_llava_from_config", build)
     out = {}
     for padding_free in (False, True):
-        run["padding_free"] = padding_free
         out[padding_free] = str(tmp_path / f"padding_free_{padding_free}")
-        extra = {"padding_free": "True"} if padding_free else {}
-        train.main(flags(assets, out[padding_free], **extra))
+        train.main(flags(assets, out[padding_free], padding_free=padding_free))
         assert bool(calls) == padding_free
     torch.testing.assert_close(losses(out[True]), losses(out[False]), rtol=1e-5, atol=1e-5)
-    if not seen[1]:
-        pytest.xfail("train.build_model does not pass padding_free=t.padding_free to build_llava_from_config yet")
 
 
 # ---------------------------------------------------------------- GPU kernels
