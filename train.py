@@ -81,18 +81,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_configs(cfg: Config) -> tuple:
+    """(llm_config, vision_config, from_llava): from the LLM + CLIP folders, or from a llava-hf / LLaVA-format
+    stage-2 folder given as --model_name_or_path (then its mm_* settings must match the flags)."""
+    m = cfg.model
+    if checkpoint_kind(m.model_name_or_path) is None:
+        return AutoConfig.from_pretrained(m.model_name_or_path), CLIPVisionConfig.from_pretrained(m.vision_tower), False
+    for f, v in vars(read_settings(m.model_name_or_path)).items():  # the model must be the one trained
+        if f.startswith("mm_") and getattr(m, f) != v:
+            raise ValueError(f"--{f} {getattr(m, f)!r}: {m.model_name_or_path} was trained with {v!r}")
+    return *llava_checkpoint_configs(m.model_name_or_path, m.vision_tower), True
+
+
+def initial_state(cfg: Config, llm_config, vision_config, from_llava: bool) -> dict[str, torch.Tensor]:
+    """Rank 0 only: the full starting weights (LLM + tower from their folders, or a whole LLaVA checkpoint) plus
+    the projector, seeded-random or from --pretrain_mm_mlp_adapter."""
+    m = cfg.model
+    if from_llava:  # LLM, tower and projector from the checkpoint
+        state = load_llava_checkpoint_state(m.model_name_or_path, m.vision_tower)[2]
+    else:
+        state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
+    if from_llava and not m.pretrain_mm_mlp_adapter and m.init_projector != "random":
+        return state  # keep the checkpoint's projector
+    torch.manual_seed(cfg.train.seed)
+    holder = torch.nn.Module()
+    holder.mm_projector = build_projector(m.mm_projector_type, vision_config.hidden_size, llm_config.hidden_size)
+    if m.pretrain_mm_mlp_adapter:
+        load_mm_projector(holder, m.pretrain_mm_mlp_adapter)
+    return {**state, **holder.state_dict()}
+
+
 def build_model(cfg: Config, info: D.DistInfo):
     """Meta-device build -> freeze -> checkpointing -> fully_shard -> weights streamed from rank 0."""
     m, t = cfg.model, cfg.train
-    from_llava = checkpoint_kind(m.model_name_or_path) is not None  # a llava-hf or LLaVA-format stage-2 folder
-    if from_llava:
-        llm_config, vision_config = llava_checkpoint_configs(m.model_name_or_path, m.vision_tower)
-        for f, v in vars(read_settings(m.model_name_or_path)).items():  # the model must be the one trained
-            if f.startswith("mm_") and getattr(m, f) != v:
-                raise ValueError(f"--{f} {getattr(m, f)!r}: {m.model_name_or_path} was trained with {v!r}")
-    else:
-        llm_config = AutoConfig.from_pretrained(m.model_name_or_path)
-        vision_config = CLIPVisionConfig.from_pretrained(m.vision_tower)
+    llm_config, vision_config, from_llava = model_configs(cfg)
     kw = dict(
         mm_projector_type=m.mm_projector_type,
         mm_vision_select_layer=m.mm_vision_select_layer,
@@ -117,26 +139,10 @@ def build_model(cfg: Config, info: D.DistInfo):
                 p.data = p.data.to(torch.bfloat16)
     if t.gradient_checkpointing:
         D.apply_activation_checkpointing(model.decoder_layers())
-    D.apply_fsdp(
-        model,
-        bf16=t.bf16,
-        reshard_after_forward=t.reshard_after_forward,
-        sum_gradients=t.loss_reduction == "global_token",
-    )
-    state = None
-    if info.is_main:  # only rank 0 reads the weights; the projector is initialised (or loaded) here too
-        if from_llava:  # LLM, tower and projector from the checkpoint
-            state = load_llava_checkpoint_state(m.model_name_or_path, m.vision_tower)[2]
-        else:
-            state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
-        torch.manual_seed(t.seed)
-        holder = torch.nn.Module()
-        holder.mm_projector = build_projector(m.mm_projector_type, vision_config.hidden_size, llm_config.hidden_size)
-        if m.pretrain_mm_mlp_adapter:
-            load_mm_projector(holder, m.pretrain_mm_mlp_adapter)
-        if not from_llava or m.pretrain_mm_mlp_adapter or m.init_projector == "random":  # else: the checkpoint's
-            state.update(holder.state_dict())
-    D.materialize_and_load(model, state, info.device)
+    global_token = t.loss_reduction == "global_token"
+    D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=global_token)
+    state = initial_state(cfg, llm_config, vision_config, from_llava) if info.is_main else None
+    D.materialize_and_load(model, state, info.device)  # only rank 0 read the files; the others get their shards
     return model, flops
 
 
