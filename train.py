@@ -50,25 +50,24 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, cfg: Conf
         n_step = D.all_reduce(
             [sum(label_token_count(b, model.num_image_tokens, model.model_max_length) for b in micro_batches)]
         )[0]
-    loss_total = torch.zeros((), dtype=torch.float64)
-    tokens_total, empty = 0, 0
+    losses, counts = [], []
     for batch in micro_batches:
         loss_sum, n_tok = model(**batch)
         # The one place the loss is normalised. llava (default, llava-reference.md 4.6): token mean per micro-batch,
         # / GA here, and FSDP averages over ranks. global_token: sum / all label tokens of the step (FSDP sums).
         loss = loss_sum / max(n_step, 1.0) if global_token else loss_sum / n_tok.clamp(min=1) / len(micro_batches)
-        loss.backward()
-        n = int(n_tok)
-        empty += n == 0  # a fully masked micro-batch contributes 0 (never NaN); counted and reported
-        tokens_total += n
-        loss_total += loss.detach().double().cpu() * (1 if global_token else len(micro_batches))
+        loss.backward()  # a fully masked micro-batch has loss 0 and zero gradients, never NaN
+        losses.append(loss.detach())
+        counts.append(n_tok)
     grad_norm = D.clip_grad_norm(model, cfg.train.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # Logged loss: llava = mean of micro-batch means over GA and ranks; global_token = step's global token mean.
-    loss_val = float(loss_total) / (1 if global_token else len(micro_batches))
-    loss_val, tokens_total, empty = D.all_reduce([loss_val, tokens_total, empty])
+    # Logging only, one device sync: llava = mean of micro-batch means (then / ranks); global_token = this rank's
+    # share of the step's global token mean (summed over ranks).
+    counts_t = torch.stack(counts)
+    stats = torch.stack([torch.stack(losses).sum().double(), counts_t.sum().double(), (counts_t == 0).sum().double()])
+    loss_val, tokens_total, empty = D.all_reduce(stats.tolist())
     loss_val = loss_val if global_token else loss_val / D.world_size()
     if not math.isfinite(loss_val):
         raise FloatingPointError(f"loss is {loss_val}: stopping (check labels, --bf16 and the learning rate)")
