@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from minillava.config import CONFIG_NAME
+from minillava.distributed import broadcast_object, print0
 from minillava.outputs import (
     atomic_write,
-    broadcast,
     discard_dir,
     llava_config,
     make_tmp_dir,
@@ -184,12 +184,12 @@ class Checkpointer:
                 found = (find_checkpoint(t.resume_from_checkpoint, t.output_dir), None)
             except ValueError as e:
                 found = (None, str(e))
-        path, error = broadcast(found)
+        path, error = broadcast_object(found)
         if error:
             raise ValueError(error)
         if path is None:
             if t.resume_from_checkpoint:
-                _print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}; starting fresh")
+                print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}; starting fresh")
             return 0
         state = read_json(os.path.join(path, STATE_NAME))
         self._check_shape(state["run"], path)
@@ -216,7 +216,7 @@ class Checkpointer:
             if later:  # resumed from an older PATH: these belong to the trajectory being replaced
                 print(f"warning: {later} are newer than {path}; `auto` would pick them until this run overwrites them")
         s = state["sampler"]
-        _print0(f"resumed from {path}: step {state['step']}, epoch {s['epoch']}, micro-batch {s['position']}")
+        print0(f"resumed from {path}: step {state['step']}, epoch {s['epoch']}, micro-batch {s['position']}")
         return state["step"]
 
     def _check_shape(self, old: dict, path: str) -> None:
@@ -241,13 +241,8 @@ class Checkpointer:
         diffs = [f"{s}.{k}: {v!r} -> {new[s][k]!r}" for s, d in old.items() for k, v in d.items()
                  if k not in skip and new[s].get(k) != v]  # fmt: skip
         if diffs:
-            _print0(f"resuming with changed settings (checkpoint -> now): {', '.join(diffs)}. Learning rates and "
+            print0(f"resuming with changed settings (checkpoint -> now): {', '.join(diffs)}. Learning rates and "
                     "weight decay stay the checkpoint's; warmup and total steps follow the current flags")  # fmt: skip
-
-
-def _print0(msg: str) -> None:
-    if rank0():
-        print(msg, flush=True)
 
 
 def _rotate(output_dir: str, limit: int | None, keep: str) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from minillava.distributed import broadcast_object
 from minillava.model import to_llava_key
 
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
@@ -29,12 +30,6 @@ _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from 
 
 def rank0() -> bool:
     return dist.get_rank() == 0
-
-
-def broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def write_text(path: str, text: str) -> None:
@@ -71,7 +66,7 @@ def make_tmp_dir(parent: str, prefix: str) -> str:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o777 & ~umask)  # mkdtemp's 0700 would hide checkpoints from the other users of a cluster
-    return broadcast(path)
+    return broadcast_object(path)
 
 
 def discard_dir(path: str) -> None:
