@@ -38,9 +38,6 @@ def init_distributed() -> DistInfo:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python train.py` becomes a 1-rank group,
     so single-process runs take exactly the same FSDP2 code path as 8-GPU runs."""
     owns = not dist.is_initialized()
-    if owns and "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -48,10 +45,10 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if owns:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None
-        )
+        kw = dict(timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
+        if "RANK" not in os.environ:  # not under torchrun: a private 1-rank group; os.environ is left untouched
+            kw.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, owns)
 
 
