@@ -31,7 +31,7 @@ from transformers.models.llava import LlavaImageProcessorPil
 
 from minillava.conversation import get_template
 from minillava.model import build_projector
-from minillava.weights import _read_weights, pretrained_state_dict, read_mm_projector
+from minillava.weights import pretrained_state_dict, read_mm_projector, read_weights
 
 IMAGE_TOKEN, PAD_TOKEN, VOCAB_MULTIPLE = "<image>", "<pad>", 64  # convert_llava_weights_to_hf.py: 32000 + 2 -> 32064
 _DROP = (".inv_freq", ".position_ids")  # non-persistent today; old checkpoints carry them
@@ -126,7 +126,7 @@ def _llm_config(conf: dict) -> LlamaConfig:
 
 def _clip_state(folder: str) -> dict[str, Tensor]:
     """CLIP vision weights of a folder keyed vision_tower.* (as weights.pretrained_state_dict, without the LLM)."""
-    clip = _read_weights(folder, "--vision_tower")
+    clip = read_weights(folder, "--vision_tower")
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip) else ""  # openai CLIPModel folders
     keep = [k for k in clip if k.startswith(prefix) and not k.endswith(_DROP)]
     return {f"vision_tower.{k.removeprefix(prefix)}": clip[k] for k in keep}
@@ -164,9 +164,9 @@ def load_llava_checkpoint_state(
     CLIP's weights are the checkpoint's copy (ref 8.2), else those of the CLIP folder."""
     llm_config, vision_config = llava_checkpoint_configs(path, vision_tower)
     if checkpoint_kind(path) == "llava-hf":
-        state = _rename(_read_weights(path, "checkpoint"), _HF_RULES, path)
+        state = _rename(read_weights(path, "checkpoint"), _HF_RULES, path)
         return llm_config, vision_config, state | {k: state[k][: llm_config.vocab_size] for k in _EMBEDDINGS}
-    state = _rename(_read_weights(path, "checkpoint"), _LLAVA_RULES, path)
+    state = _rename(read_weights(path, "checkpoint"), _LLAVA_RULES, path)
     if not any(k.startswith("vision_tower.") for k in state):
         state.update(_clip_state(_clip_folder(path, vision_tower)))
     return llm_config, vision_config, state

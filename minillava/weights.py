@@ -64,7 +64,7 @@ def load_mm_projector(model: nn.Module, path: str) -> None:
     model.mm_projector.load_state_dict({k.removeprefix("mm_projector."): v for k, v in weights.items()}, strict=True)
 
 
-def _read_weights(folder: str, flag: str) -> dict[str, Tensor]:
+def read_weights(folder: str, flag: str) -> dict[str, Tensor]:
     """All tensors of an HF folder: model.safetensors, a sharded index, or pytorch_model*.bin (weights_only)."""
     for name in (
         "model.safetensors.index.json",
@@ -91,9 +91,9 @@ def pretrained_state_dict(model_name_or_path: str, vision_tower: str) -> dict[st
     """Pretrained LLM + CLIP tensors keyed by our names (llm.*, vision_tower.*), as stored; no projector."""
     # Old checkpoints carry buffers that are non-persistent today (Vicuna's rotary inv_freq, CLIP's position_ids).
     drop = (".inv_freq", ".position_ids")
-    llm = _read_weights(model_name_or_path, "--model_name_or_path")
+    llm = read_weights(model_name_or_path, "--model_name_or_path")
     out = {f"llm.{k}": v for k, v in llm.items() if not k.endswith(drop)}
-    clip = _read_weights(vision_tower, "--vision_tower")
+    clip = read_weights(vision_tower, "--vision_tower")
     # openai/clip-* folders are full CLIPModels (vision_model.*, text_model.*): keep the vision half. A transformers 5
     # CLIPVisionModel.save_pretrained folder has no prefix.
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip) else ""
