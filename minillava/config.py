@@ -1,5 +1,5 @@
 """Run configuration: LLaVA's ModelArguments / DataArguments / TrainingArguments as dataclasses with LLaVA's names,
-plus a few minillava knobs, and a small stdlib argparse bridge (house-style.md 5.3, llava-reference.md 1).
+plus a few minillava knobs, and a small stdlib argparse bridge (LLaVA: llava/train/train.py L53-112).
 
 parse_args resolves dataclass defaults < `--stage {1,2}` preset < explicit flags, so LLaVA's scripts/v1_5 flag lists
 parse unchanged. Unsupported features are ValueErrors; flags accepted but not acted on warn once (ConfigWarning).
@@ -71,7 +71,7 @@ class TrainArgs:
     weight_decay: float = 0.0  # AdamW decay for non-norm, non-bias params
     warmup_ratio: float = 0.0  # warmup steps = ceil(ratio x total steps)
     lr_scheduler_type: str = "cosine"  # only cosine is implemented (HF default linear; every v1.5 script: cosine)
-    max_grad_norm: float = 0.0  # minillava 0 = off: HF's 1.0 was never applied under zero2/zero3 (ref 7.4)
+    max_grad_norm: float = 0.0  # minillava 0 = off: HF's 1.0 unused: scripts/zero{2,3}.json lack gradient_clipping
     loss_reduction: str = "llava"  # minillava: llava (per-micro-batch mean) | global_token (step-wide token mean)
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per LLM block
     attn_implementation: str = "sdpa"  # minillava: sdpa | flash_attention_2 | eager (LLaVA train_mem.py: fa2)
@@ -121,7 +121,7 @@ IGNORED_FLAGS: dict[str, tuple[tuple[Any, ...] | None, str | None]] = {
     "remove_unused_columns": (None, "there is no HF Trainer column pruning"),
     "mpt_attn_impl": (None, "MPT is not supported"),
     "cache_dir": (None, "weights load through the default HF cache"),
-    "optim": (("adamw_torch",), None),  # torch AdamW is the only optimizer (llava-reference.md 7.1)
+    "optim": (("adamw_torch",), None),  # torch AdamW is the only optimizer (HF's adamw_torch)
     "lora_enable": ((False,), None),
     "bits": ((16,), None),
     "fp16": ((False,), None),  # bf16 or fp32 only
@@ -265,7 +265,7 @@ def _map_deepspeed(path: str) -> bool:
         raise ValueError(f"--deepspeed {path!r}: expected a zero2/zero3 config (FSDP2 replaces DeepSpeed)")
     reshard = match.group(1) == "3"
     msg = f"--deepspeed {path} is mapped to FSDP2 reshard_after_forward={reshard}; DeepSpeed is not used"
-    if "offload" in name:  # llava-reference.md 7.3: zero3_offload brings its own optimizer and schedule
+    if "offload" in name:  # scripts/zero3_offload.json brings its own optimizer and schedule
         msg += (
             "; CPU offload is not supported, and zero3_offload's DeepSpeed AdamW + WarmupLR (constant lr after "
             "warmup, clipping 1.0) are not reproduced: this run uses the cosine schedule and --max_grad_norm"

@@ -1,5 +1,5 @@
 """LLaVA-1.5 conversation templates, chunked image tokenization and label masking (llava/conversation.py,
-llava/mm_utils.py, llava/train/train.py preprocess_*; llava-reference.md sections 2.3, 3, 4).
+llava/mm_utils.py tokenizer_image_token, llava/train/train.py preprocess_*).
 Pure: strings and int lists in, int lists out; no torch, no I/O."""
 
 from dataclasses import dataclass
@@ -128,7 +128,7 @@ def _render(template: Template, turns: list[dict]) -> tuple[str, list[tuple[int,
         return text, [(len(DEFAULT_IMAGE_TOKEN), len(text))]
     # Conversation.get_prompt, SeparatorStyle.TWO: sys + " " + per turn role + ": " + msg + (" " | "</s>").
     # The supervised span starts at the space after "ASSISTANT:" (so the answer's first token is e.g. '▁The')
-    # and ends after the closing "</s>" (llava-reference.md 4.2, intended result).
+    # and ends after the closing "</s>" (the intended result of train.py preprocess_v1).
     text, spans = template.system + template.sep, []
     for j, turn in enumerate(turns):
         text += template.roles[j % 2] + ":"

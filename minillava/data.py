@@ -1,6 +1,6 @@
 """LLaVA-1.5 training data: the lazy JSON dataset, image preprocessing and the padding collator
-(llava/train/train.py L658-773; llava-reference.md section 2). Scan a dataset before a long run with
-`python -m minillava.check_data --data_path ... --image_folder ...`."""
+(llava/train/train.py L658-773: LazySupervisedDataset, DataCollatorForSupervisedDataset). Scan a dataset
+before a long run with `python -m minillava.check_data --data_path ... --image_folder ...`."""
 
 import json
 import logging
@@ -201,7 +201,7 @@ def load_tokenizer(path: str, model_max_length: int) -> Any:
     from transformers import AutoTokenizer
 
     # LLaVA asked for the slow SentencePiece class (use_fast=False); transformers 5 has one Llama tokenizer, which
-    # gives Vicuna's ids when the folder's tokenizer_config.json says legacy=false (llava-reference.md 2.7). So
+    # gives Vicuna's ids when the folder's tokenizer_config.json says legacy=false. So
     # `legacy` is taken from the folder, never overridden.
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right")
     tokenizer.pad_token = tokenizer.unk_token
@@ -209,7 +209,7 @@ def load_tokenizer(path: str, model_max_length: int) -> Any:
 
 
 def load_image_processor(path: str) -> Any:
-    """The PIL-backed CLIP processor from a local vision tower folder (llava-reference.md 2.7: bit-identical to
+    """The PIL-backed CLIP processor from a local vision tower folder (measured bit-identical to
     LLaVA's; the torchvision-backed default differs by up to 0.03 on non-square images)."""
     from transformers.models.clip import CLIPImageProcessorPil
 

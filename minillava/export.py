@@ -1,4 +1,4 @@
-"""Interop with transformers' LlavaForConditionalGeneration (llava-hf, llava-reference.md 8.5), both directions.
+"""Interop with transformers' LlavaForConditionalGeneration (llava-hf, convert_llava_weights_to_hf.py), both directions.
 
     python -m minillava.export --checkpoint STAGE2_DIR --output HF_DIR [--vision_tower CLIP_DIR]
     python -m minillava.export --model_name_or_path LLM --pretrain_mm_mlp_adapter BIN --vision_tower CLIP --output DIR
@@ -43,7 +43,7 @@ _HF_RULES = ((r"(model\.language_model|language_model\.model)\.", "llm.model."),
              (r"(model\.)?vision_tower\.(vision_model\.)?", "vision_tower."),
              (r"(model\.)?multi_modal_projector\.linear_1\.", "mm_projector.0."),
              (r"(model\.)?multi_modal_projector\.linear_2\.", "mm_projector.2."))  # fmt: skip
-_LLAVA_RULES = ((r"model\.mm_projector\.", "mm_projector."),  # the inverse of weights.to_llava_key (ref 8.2)
+_LLAVA_RULES = ((r"model\.mm_projector\.", "mm_projector."),  # the inverse of weights.to_llava_key
                 (r"model\.vision_tower\.vision_tower\.(vision_model\.)?", "vision_tower."),
                 (r"model\.", "llm.model."), (r"lm_head\.", "llm.lm_head."))  # fmt: skip
 # Our names -> LlavaForConditionalGeneration's in-memory names (its save_pretrained picks the on-disk layout).
@@ -55,7 +55,7 @@ _EMBEDDINGS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
 
 @dataclass(kw_only=True)
 class LlavaSettings:
-    """The model knobs a checkpoint was trained with (LLaVA's mm_* config fields, ref 8.4)."""
+    """The model knobs a checkpoint was trained with (LLaVA's mm_* config fields)."""
 
     mm_projector_type: str = "mlp2x_gelu"
     mm_vision_select_layer: int = -2
@@ -161,7 +161,7 @@ def load_llava_checkpoint_state(
 
     llava-hf: the rows the converter appended (<image>, <pad>, padding to a multiple of 64) are dropped, so the LLM
     has its original vocabulary (minillava splices images at id -200 and never looks those rows up). LLaVA format:
-    CLIP's weights are the checkpoint's copy (ref 8.2), else those of the CLIP folder."""
+    CLIP's weights are the checkpoint's copy (model.vision_tower.*), else those of the CLIP folder."""
     llm_config, vision_config = llava_checkpoint_configs(path, vision_tower)
     if checkpoint_kind(path) == "llava-hf":
         state = _rename(read_weights(path, "checkpoint"), _HF_RULES, path)
@@ -213,7 +213,7 @@ def chat_template(version: str) -> str:
 
 
 def hf_config(llm: LlamaConfig, vision: CLIPVisionConfig, s: LlavaSettings, vocab: int, image_id: int) -> LlavaConfig:
-    """The LlavaConfig of an export (ref 8.5): gelu MLP projector, vision_feature_layer = mm_vision_select_layer."""
+    """The LlavaConfig of an export: gelu MLP projector, vision_feature_layer = mm_vision_select_layer."""
     if s.mm_projector_type != "mlp2x_gelu":
         raise ValueError(
             f"mm_projector_type {s.mm_projector_type!r}: LlavaForConditionalGeneration has mlp2x_gelu only"
@@ -223,7 +223,7 @@ def hf_config(llm: LlamaConfig, vision: CLIPVisionConfig, s: LlavaSettings, voca
         vision_config=vision,
         image_token_index=image_id,
         image_seq_length=(vision.image_size // vision.patch_size) ** 2 + (s.mm_vision_select_feature == "cls_patch"),
-        projector_hidden_act="gelu",  # exact erf GELU, as LLaVA's nn.GELU() (ref 5.3)
+        projector_hidden_act="gelu",  # exact erf GELU, as LLaVA's nn.GELU() (multimodal_projector/builder.py)
         vision_feature_layer=s.mm_vision_select_layer,
         vision_feature_select_strategy=_STRATEGY[s.mm_vision_select_feature],
         multimodal_projector_bias=True,
@@ -295,7 +295,7 @@ def export_llava_hf(
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     image_id = add_llava_tokens(tokenizer)
     old = llm_config.vocab_size
-    vocab = -(-max(old, len(tokenizer)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE  # 32000 + 2 -> 32064 (ref 8.5)
+    vocab = -(-max(old, len(tokenizer)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE  # 32000 + 2 -> 32064, as llava-hf
     generator = torch.Generator().manual_seed(seed)
     for k in _EMBEDDINGS:
         state[k] = torch.cat([state[k].to(dtype), sample_new_rows(state[k], vocab - old, generator).to(dtype)])

@@ -1,4 +1,5 @@
-"""AdamW parameter groups and LLaVA's warmup + cosine learning-rate schedule (llava-reference.md 7.1, 7.3).
+"""AdamW parameter groups and LLaVA's warmup + cosine learning-rate schedule (llava_trainer.py create_optimizer,
+HF get_cosine_schedule_with_warmup).
 
 Pure schedule functions plus build_optimizer; no torch.distributed. Works on plain and FSDP2 (DTensor) parameters.
 """
@@ -12,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from minillava.config import TrainArgs
 
-ADAM_BETAS = (0.9, 0.999)  # HF TrainingArguments defaults behind optim=adamw_torch (ref 7.1)
+ADAM_BETAS = (0.9, 0.999)  # HF TrainingArguments defaults behind optim=adamw_torch
 ADAM_EPS = 1e-8
 
 
@@ -24,7 +25,7 @@ def _is_norm(module: nn.Module) -> bool:
 def param_groups(
     model: nn.Module, *, weight_decay: float, learning_rate: float, mm_projector_lr: float | None
 ) -> list[dict]:
-    """LLaVATrainer.create_optimizer groups over trainable params: {decay, no_decay} x {LLM, projector} (ref 7.1)."""
+    """LLaVATrainer.create_optimizer groups over trainable params: {decay, no_decay} x {LLM, projector}."""
     # Norm params are matched by identity, not by name, so wrapper prefixes (FSDP2, checkpoint_wrapper) are harmless.
     norm_ids = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters()}
     # Order as LLaVA builds them: decay, no-decay, then the projector pair (only with mm_projector_lr).
@@ -55,7 +56,7 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """HF TrainingArguments.get_warmup_steps: ceil(ratio x total), e.g. 156 for 5198 steps at 0.03 (ref 7.3)."""
+    """HF TrainingArguments.get_warmup_steps: ceil(ratio x total), e.g. 156 for 5198 steps at 0.03 (finetune.sh)."""
     return math.ceil(total_steps * warmup_ratio)
 
 
@@ -80,7 +81,7 @@ def build_optimizer(model: nn.Module, train_args: TrainArgs, total_steps: int) -
         groups, lr=train_args.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True if on_cuda else None
     )
     warmup = warmup_steps(total_steps, train_args.warmup_ratio)
-    # LambdaLR applies lr_multiplier(0) = 0 at construction: LLaVA's first update runs with lr 0 (ref 7.3).
+    # LambdaLR applies lr_multiplier(0) = 0 at construction: LLaVA's first update runs with lr 0 (HF's cosine schedule).
     scheduler = LambdaLR(optimizer, partial(lr_multiplier, warmup_steps=warmup, total_steps=total_steps))
     return optimizer, scheduler
 

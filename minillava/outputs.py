@@ -1,6 +1,6 @@
-"""Final outputs in LLaVA's formats (llava-reference.md 8.1/8.2) and the atomic file helpers checkpoints share.
+"""Final outputs in LLaVA's formats (safe_save_model_for_hf_trainer) and the atomic file helpers checkpoints share.
 
-Final (ref 8.1/8.2), gathered one tensor at a time and written by rank 0 through a staging directory:
+Final outputs, gathered one tensor at a time and written by rank 0 through a staging directory:
 stage 1 -> output_dir/mm_projector.bin (keys model.mm_projector.*) + config.json
 stage 2 -> output_dir as an HF folder: config.json (llava_llama, mm_* fields), model-0000x-of-0000y.safetensors +
            index with LLaVA's key names, generation_config.json, tokenizer files.
@@ -105,7 +105,7 @@ def full_tensors(model: nn.Module, prefix: str = "", device: str | None = "cpu")
 
 
 def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
-    """The LLM's config.json plus LLaVA's mm_* fields (llava-reference.md 8.4), model_type llava_llama."""
+    """The LLM's config.json plus LLaVA's mm_* fields (train.py, llava_arch.py), model_type llava_llama."""
     conf = model.llm.config.to_dict()
     m, d, t = cfg.model, cfg.data, cfg.train
     dtype_name = str(dtype).removeprefix("torch.")

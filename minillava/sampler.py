@@ -1,7 +1,7 @@
-"""LLaVA-1.5's training order: modality- and length-grouped megabatches, sharded per rank (llava-reference.md 6).
+"""LLaVA-1.5's training order: modality- and length-grouped megabatches, sharded per rank (LengthGroupedSampler).
 
 Pure index functions reproduce llava/train/llava_trainer.py L38-96 (commit c121f04) but draw every random number from
-one explicit torch.Generator; shard_for_rank reproduces how accelerate 0.21 dealt per-device batches (reference 2.6).
+one explicit torch.Generator; shard_for_rank reproduces how accelerate 0.21 dealt per-device batches.
 DistributedModalityLengthSampler is the thin, resumable batch sampler the training loop hands to its DataLoader.
 """
 
@@ -12,7 +12,7 @@ import torch
 
 
 def split_to_even_chunks(indices: Sequence[int], lengths: Sequence[int], num_chunks: int) -> list[list[int]]:
-    """Split length-sorted indices into num_chunks chunks of balanced summed length (llava_trainer.py L38-57, 6.1)."""
+    """Split length-sorted indices into num_chunks chunks of balanced summed length (llava_trainer.py L38-57)."""
     if len(indices) % num_chunks != 0:
         # Only a short last megabatch gets here; LLaVA then deals strided chunks whose sizes may differ.
         return [list(indices[j::num_chunks]) for j in range(num_chunks)]
@@ -32,7 +32,7 @@ def split_to_even_chunks(indices: Sequence[int], lengths: Sequence[int], num_chu
 def get_length_grouped_indices(
     lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator
 ) -> list[int]:
-    """Permute, cut into megabatches of world_size*batch_size, sort each longest first, balance (L88-96, 6.2)."""
+    """Permute, cut into megabatches of world_size*batch_size, sort each longest first, balance (L88-96)."""
     perm = torch.randperm(len(lengths), generator=generator).tolist()
     megabatch_size = world_size * batch_size
     order: list[int] = []
@@ -53,7 +53,7 @@ def _check_no_zero(lengths: Sequence[int]) -> None:
 def get_modality_length_grouped_indices(
     lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator
 ) -> list[int]:
-    """Group image (length > 0) and text-only (< 0) samples into single-modality megabatches (L60-85, 6.3).
+    """Group image (length > 0) and text-only (< 0) samples into single-modality megabatches (L60-85).
 
     All three permutations come from `generator`, in LLaVA's order: image group, text group, megabatch shuffle."""
     _check_no_zero(lengths)
@@ -76,7 +76,7 @@ def get_modality_length_grouped_indices(
 
 
 def pad_by_wrapping(indices: Sequence[int], multiple: int) -> list[int]:
-    """Extend indices to a multiple of `multiple` by cycling from the start, like accelerate's even_batches (2.6)."""
+    """Extend indices to a multiple of `multiple` by cycling from the start, like accelerate's even_batches."""
     n = len(indices)
     return list(indices) + [indices[i % n] for i in range(-n % multiple)]
 

@@ -16,7 +16,7 @@ from minillava.demo import COLOURS, SHAPES, SYSTEM, WORDS, build_tokenizer_dir, 
 
 
 def build_image_processor(size: int = 28):
-    """The real transformers CLIP processor (PIL backend, as llava-reference.md 2.7 recommends), at a tiny size."""
+    """The real transformers CLIP processor (PIL backend: bit-identical to LLaVA's pixels), at a tiny size."""
     from transformers.models.clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

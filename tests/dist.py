@@ -1,7 +1,7 @@
 """Run a function on N gloo ranks in fresh processes (torch.multiprocessing.spawn + file:// rendezvous).
 
 Workers return results by writing files under tmp_path (torch.save); passing tensors back through an mp Queue fails
-once the producing process exits (house-style.md 5.6)."""
+once the producing process exits (ConnectionRefusedError)."""
 
 import os
 from collections.abc import Callable

@@ -312,7 +312,7 @@ def test_to_dict_format_and_atomic_save(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- GOLDEN: LLaVA's scripts and our launchers
 
-COMMON = {  # what every v1.5 script sets (llava-reference.md 1.4)
+COMMON = {  # what every v1.5 script sets (scripts/v1_5/*.sh)
     "vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
     "mm_vision_select_layer": -2, "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "bf16": True,
     "num_train_epochs": 1.0, "gradient_accumulation_steps": 1, "save_total_limit": 1, "weight_decay": 0.0,

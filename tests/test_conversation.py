@@ -82,7 +82,7 @@ def test_known_versions_and_unknown_version_error():
 
 
 def test_v1_render_matches_llava_get_prompt():
-    # llava-reference.md 3: "<SYS> USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
+    # conv_vicuna_v1.get_prompt(): "<SYS> USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
     turns = [H("<image>\nQ1?"), G("A1."), H("Q2?"), G("A2.")]
     text, spans = _render(get_template("v1"), turns)
     assert text == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"

@@ -22,7 +22,7 @@ from minillava.data import (
     process_image,
 )
 
-CLIP_MEAN_RGB = (122, 116, 104)  # tuple(int(x * 255) for x in OpenAI CLIP's image_mean), llava-reference.md 2.2
+CLIP_MEAN_RGB = (122, 116, 104)  # tuple(int(x * 255) for x in OpenAI CLIP's image_mean), train.py expand2square
 
 
 def H(v):
@@ -102,7 +102,7 @@ def test_load_tokenizer_llava_setup_and_legacy_false(tokenizer_dir):
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 0, 1, 2)
     assert tok.padding_side == "right" and tok.model_max_length == 77 and tok.legacy is False
     tokens = tok.convert_ids_to_tokens(tok("A chat. USER: hi ASSISTANT: The red.</s>USER: hi").input_ids)
-    # Vicuna's ids (llava-reference.md 2.7): word-prefix '▁' at the start, none right after </s>.
+    # Vicuna's ids (legacy=False): word-prefix '▁' at the start, none right after </s>.
     assert tokens[:3] == ["<s>", "▁A", "▁chat"] and tokens[3:6] == [".", "▁USER", ":"]
     assert tokens[tokens.index("</s>") + 1] == "USER"
     assert "▁The" in tokens  # the answer's leading space lives in its first token

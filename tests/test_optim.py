@@ -51,8 +51,8 @@ def test_lr_multiplier_matches_hf_exactly(warmup: int, total: int) -> None:
 
 
 def test_llava_step_counts_golden() -> None:
-    # llava-reference.md 7.3: finetune 665,298 samples at global batch 128 -> 5198 steps, warmup 156;
-    # pretrain 558,128 at 256 -> 2181 steps, warmup 66.
+    # scripts/v1_5/finetune.sh: 665,298 samples at global batch 128 -> 5198 steps, warmup 156;
+    # pretrain.sh: 558,128 at 256 -> 2181 steps, warmup 66.
     finetune = num_training_steps(math.ceil(665_298 / 128), num_train_epochs=1)
     pretrain = num_training_steps(math.ceil(558_128 / 256), num_train_epochs=1)
     assert (finetune, warmup_steps(finetune, 0.03)) == (5198, 156)

@@ -1,4 +1,4 @@
-"""Sampler tests: parity with LLaVA's llava_trainer.py ordering (llava-reference.md 6), accelerate's sharding (2.6),
+"""Sampler tests: parity with LLaVA's llava_trainer.py ordering, accelerate 0.21's sharding,
 rank consistency, padding, modality purity, balance and resume."""
 
 import random
@@ -17,7 +17,7 @@ from minillava.sampler import (
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Oracle: LLaVA's algorithm (llava_trainer.py L38-96 at c121f04), written independently from llava-reference.md 6.1-6.3
+# Oracle: LLaVA's algorithm (llava_trainer.py L38-96 at c121f04), written independently of minillava.sampler
 # and checked step by step against the upstream source. Deliberately naive. Like LLaVA, the two inner group orders use
 # the GLOBAL torch RNG (generator=None) and only the megabatch shuffle takes `generator`.
 # ---------------------------------------------------------------------------------------------------------------------
