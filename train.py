@@ -67,7 +67,7 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, cfg: Conf
     # share of the step's global token mean (summed over ranks).
     counts_t = torch.stack(counts)
     stats = torch.stack([torch.stack(losses).sum().double(), counts_t.sum().double(), (counts_t == 0).sum().double()])
-    loss_val, tokens_total, empty = D.all_reduce(stats.tolist())
+    loss_val, tokens_total, empty = D.all_reduce(stats)
     loss_val = loss_val if global_token else loss_val / D.world_size()
     if not math.isfinite(loss_val):
         raise FloatingPointError(f"loss is {loss_val}: stopping (check labels, --bf16 and the learning rate)")
@@ -187,7 +187,9 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
     while True:
         sampler.set_epoch(epoch)
         for batch in loader:
-            yield epoch, {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            # non_blocking only from pinned memory (the DataLoader pins on CUDA): from pageable memory it would not
+            # overlap anyway, and a later in-place write to the source could race the copy
+            yield epoch, {k: v.to(device, non_blocking=v.is_pinned()) for k, v in batch.items()}
         epoch += 1
 
 

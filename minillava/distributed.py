@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 
@@ -63,9 +64,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce(values: list[float], op: str = "sum", device: torch.device | None = None) -> list[float]:
-    """All-reduce a few Python floats in one collective (op: sum, max or mean). Used for logging and token counts."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def collective_device() -> torch.device:
+    """The device whose tensors the default group's backend serves: NCCL takes CUDA tensors only (the current
+    device, which init_distributed sets to LOCAL_RANK), gloo CPU ones. Every tensor this module hands to a collective
+    is made here. We keep one backend per run rather than a "cpu:gloo,cuda:nccl" pair: a second (TCP) mesh per rank
+    costs start-up time at scale and would hide a CPU tensor that slipped onto the GPU path."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: list[float] | torch.Tensor, op: str = "sum") -> list[float]:
+    """All-reduce a few numbers (a list, or a small device tensor: no host round trip) in one float64 collective on
+    collective_device() (op: sum, max or mean); one host sync to read the result. Used for logging and token counts."""
+    t = torch.as_tensor(values, dtype=torch.float64).to(collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t /= dist.get_world_size()
@@ -151,12 +163,18 @@ def print0(*args: object) -> None:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Total gradient norm over all ranks' shards (DTensor-aware); clips only when max_norm > 0. LLaVA v1.5 ran with
-    no clipping (zero2/zero3.json have no gradient_clipping key, llava-reference.md 7.4), hence off by default."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    """Total gradient norm over all ranks' shards (DTensor-aware), and with max_norm > 0 every gradient scaled by
+    min(1, max_norm / norm), as torch.nn.utils.clip_grad_norm_ does on an unsharded model. LLaVA v1.5 ran with no
+    clipping (scripts/zero2.json and zero3.json set no gradient_clipping), hence off by default.
+
+    get_total_norm over sharded gradients gives a DTensor with a pending (partial) reduction: full_tensor() is the
+    one all-reduce that makes it the global norm. clip_grads_with_norm_ takes the *parameters* (it reads .grad)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return 0.0
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # a DTensor when the grads are sharded
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)

@@ -2,7 +2,8 @@
 
 Pure architecture (no torch.distributed): FSDP2 and activation checkpointing are applied from outside, to each of
 `decoder_layers()`, to `vision_tower` as one unit, then to the root. Shapes: Karpathy-style comments, `# (B, T, D)`.
-Behaviour follows llava-reference.md section 5 (assembly) and 7.2 (trainable sets).
+Behaviour follows llava/model/llava_arch.py and language_model/llava_llama.py (assembly) and llava/train/train.py
+(trainable sets).
 """
 
 import functools
@@ -75,7 +76,7 @@ def _select_layer_forward(tower: CLIPVisionModel, pixel_values: Tensor, *, num_l
 
 
 class LlavaModel(nn.Module):
-    """LlavaLlamaForCausalLM (ref 5.1) as composition: `.llm`, `.vision_tower` (frozen), `.mm_projector`.
+    """LlavaLlamaForCausalLM (llava_llama.py) as composition: `.llm`, `.vision_tower` (frozen), `.mm_projector`.
 
     The tower's `forward` is rebound to `_select_layer_forward`: `vision_tower(pixel_values)` returns the
     (N, 1+P, C) tensor hidden_states[mm_vision_select_layer], not a ModelOutput. Going through the tower's own
@@ -105,8 +106,8 @@ class LlavaModel(nn.Module):
         self.mm_projector_type, self.mm_vision_select_layer = mm_projector_type, mm_vision_select_layer
         self.mm_vision_select_feature, self.model_max_length = mm_vision_select_feature, model_max_length
         self.loss_chunk_size = loss_chunk_size
-        llm.config.use_cache = False  # training (ref 5.7)
-        vision_tower.requires_grad_(False)  # clip_encoder.py load_model (ref 5.2): never trained in v1.5
+        llm.config.use_cache = False  # training, as LLaVA's train.py
+        vision_tower.requires_grad_(False)  # clip_encoder.py load_model: never trained in v1.5
         num_layers = mm_vision_select_layer % (n + 1)  # hidden_states has n + 1 entries; -2 -> n - 1 layers run
         vision_tower.forward = functools.partial(_select_layer_forward, vision_tower, num_layers=num_layers)
 
@@ -126,8 +127,8 @@ class LlavaModel(nn.Module):
         return list(self.llm.model.layers)
 
     def encode_images(self, pixel_values: Tensor, dtype: torch.dtype) -> Tensor:
-        """(N, 3, H, W) images -> (N, P, D) projected features in `dtype` (LLaVA encode_images, ref 5.2-5.3)."""
-        with torch.no_grad():  # the tower never gets a backward (ref 5.2)
+        """(N, 3, H, W) images -> (N, P, D) projected features in `dtype` (llava_arch.py encode_images)."""
+        with torch.no_grad():  # the tower never gets a backward (clip_encoder.py forward)
             feats = self.vision_tower(pixel_values)  # (N, 1+P, C)
         if self.mm_vision_select_feature == "patch":
             feats = feats[:, 1:]  # drop CLS: (N, P, C), P = 576 at 336px
@@ -167,13 +168,14 @@ class LlavaModel(nn.Module):
 
     @torch.no_grad()
     def init_non_pretrained(self) -> None:
-        """After to_empty(): recompute non-persistent buffers and give the projector PyTorch's default init (ref 5.3).
+        """After to_empty(): recompute non-persistent buffers and give the projector PyTorch's default init (as LLaVA).
 
         pretrained_state_dict() holds neither (CLIP position_ids, RoPE inv_freq; the projector is new or comes from
         --pretrain_mm_mlp_adapter), and to_empty() leaves them as garbage.
         """
         emb = self.vision_tower.embeddings
-        emb.position_ids.copy_(torch.arange(emb.position_ids.shape[-1]).expand_as(emb.position_ids))
+        pos = emb.position_ids
+        pos.copy_(torch.arange(pos.shape[-1], device=pos.device).expand_as(pos))
         rope = self.llm.model.rotary_emb
         with torch.device("cpu"):  # a fresh rotary module computes inv_freq for any rope_type
             fresh = type(rope)(rope.config)
@@ -193,7 +195,8 @@ def splice_image_features(
     image_feats: Tensor,
     model_max_length: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Replace each IMAGE_TOKEN_INDEX by the next image's P features, in batch order (ref 5.5 steps 5-8).
+    """Replace each IMAGE_TOKEN_INDEX by the next image's P features, in batch order (as LLaVA's
+    prepare_inputs_labels_for_multimodal in llava/model/llava_arch.py).
 
     Drops padding (attention_mask False), expands each placeholder to P positions labelled -100, truncates every
     sequence to model_max_length after expansion, re-pads right (zero embeddings, -100 labels). A text-only sample
@@ -215,7 +218,7 @@ def splice_image_features(
         )
     width = torch.where(is_img, P, 1) * mask  # (B, T) output positions per input position (0 for padding)
     start = width.cumsum(1) - width  # (B, T) output position of each input position
-    new_len = width.sum(1).clamp(max=model_max_length)  # (B,) truncation after expansion (ref 5.5 step 7)
+    new_len = width.sum(1).clamp(max=model_max_length)  # (B,) truncation after expansion, as llava_arch.py
     T2 = int(new_len.max())
     # Gather table: rows [0, B*T) text, [B*T, B*T + N*P) image features, last row = padding.
     pad_row = B * T + N * P
@@ -239,7 +242,7 @@ def splice_image_features(
 def set_trainable(
     model: LlavaModel, *, tune_mm_mlp_adapter: bool, freeze_mm_mlp_adapter: bool = False, freeze_backbone: bool = False
 ) -> None:
-    """LLaVA's requires_grad sets (train.py, ref 7.2): stage 1 projector only, stage 2 LLM + projector; tower frozen."""
+    """LLaVA's requires_grad sets (train.py): stage 1 projector only, stage 2 LLM + projector; tower frozen."""
     model.requires_grad_(True)
     model.vision_tower.requires_grad_(False)
     if freeze_backbone:
