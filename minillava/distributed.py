@@ -77,7 +77,7 @@ def collective_device() -> torch.device:
 def all_reduce(values: list[float] | torch.Tensor, op: str = "sum") -> list[float]:
     """All-reduce a few numbers (a list, or a small device tensor: no host round trip) in one float64 collective on
     collective_device() (op: sum, max or mean); one host sync to read the result. Used for logging and token counts."""
-    t = torch.as_tensor(values, dtype=torch.float64).to(collective_device())
+    t = torch.as_tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t /= dist.get_world_size()

@@ -15,6 +15,13 @@ import torch
 from minillava.demo import COLOURS, SHAPES, SYSTEM, WORDS, build_tokenizer_dir, draw_shape  # noqa: F401
 
 
+@pytest.fixture(autouse=True)
+def _tf32_off():
+    """train.main turns TF32 on for its whole process (LLaVA ran with --tf32 True), so a GPU test comparing fp32
+    results after an in-process run would compare TF32 matmuls: every test starts with TF32 off."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
 def build_image_processor(size: int = 28):
     """The real transformers CLIP processor (PIL backend: bit-identical to LLaVA's pixels), at a tiny size."""
     from transformers.models.clip import CLIPImageProcessorPil

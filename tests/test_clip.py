@@ -42,6 +42,7 @@ def _one_step(argv: list[str]) -> dict:
         micro = [next(stream)[1] for _ in range(cfg.train.gradient_accumulation_steps)]
         before = {k: v.clone() for k, v in full_tensors(model)}  # a 1-rank full tensor may alias the shard
         metrics = train.train_step(model, micro, optimizer, scheduler, cfg)
+        micro = [{k: v.cpu() for k, v in b.items()} for b in micro]  # the reference runs on the CPU
         return {"before": before, "after": dict(full_tensors(model)), "micro": micro, "grad_norm": metrics["grad_norm"]}
     finally:
         D.cleanup(info)

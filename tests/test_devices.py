@@ -1,0 +1,143 @@
+"""The CUDA path, checked where CI can run it. On CUDA the process group is pure NCCL, which reduces CUDA tensors
+only, so a tensor built without a device (it lands on the CPU) crashes the first collective it reaches, and a CPU
+tensor mixed into a CUDA op crashes the op. Two audits run over a whole train.main (stage 2, accumulation, global
+token normalisation, clipping, packing, a mid-run checkpoint and the final save) on 1 rank and on 2 gloo ranks:
+
+- every tensor handed to a torch.distributed collective is on the run's compute device (CPU here; the same test on a
+  GPU machine checks CUDA);
+- the device-side code (train.py and the model, attention, loss, metrics and distributed modules) creates no tensor
+  without naming its device and never asks for a non_blocking copy from pageable memory. The host-side code (the
+  dataset and collator, which build CPU batches by design) is not audited.
+
+The first audit can only see a CPU tensor on a GPU run; the second sees its cause on the CPU too: it flags the
+`torch.tensor(values, device=None)` that crashed every CUDA run at its first step."""
+
+import functools
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from dist import run_distributed
+from test_train import assets, flags  # noqa: F401  (assets is a fixture)
+from torch.overrides import TorchFunctionMode
+
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_SIDE = {os.path.join(REPO, "train.py")} | {
+    os.path.join(REPO, "minillava", f"{m}.py") for m in ("model", "attention", "loss", "metrics", "distributed")
+}
+FACTORIES = {
+    torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.eye,
+    torch.rand, torch.randn, torch.randint, torch.linspace,
+}  # fmt: skip
+COLLECTIVES = (
+    "all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+    "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all_single", "gather", "scatter",
+)  # fmt: skip
+
+
+class DeviceAudit(TorchFunctionMode):
+    """Records factory calls without a device, and non_blocking copies from pageable memory, made from `files`."""
+
+    def __init__(self, files: set[str] = DEVICE_SIDE) -> None:
+        super().__init__()
+        self.files = files
+        self.problems: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES and kwargs.get("device") is None:
+            self._flag(f"{func.__name__}() without a device")
+        elif func is torch.Tensor.to and kwargs.get("non_blocking") and not args[0].is_pinned():
+            self._flag("non_blocking copy from pageable memory")
+        return func(*args, **kwargs)
+
+    def _flag(self, what: str) -> None:
+        # Only direct calls count: sys._getframe(2) is who called the op (these ops are C functions, so no torch
+        # frame sits between). Modules built inside torch.nn (nn.Linear's empty()) follow the default device or the
+        # meta context by design and are not flagged.
+        frame = sys._getframe(2)
+        if frame.f_code.co_filename in self.files:
+            self.problems.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}: {what}")
+
+
+def test_the_audit_flags_what_crashes_on_cuda():
+    audit = DeviceAudit({__file__})
+    with audit:
+        torch.tensor([1.0], dtype=torch.float64, device=None)  # the all_reduce that crashed every CUDA run
+        torch.zeros(2, device="cpu")  # fine: a device is named
+        torch.ones(2, device="cpu").to("cpu", non_blocking=True)  # pageable source
+    assert [p.split(": ", 1)[1] for p in audit.problems] == [
+        "tensor() without a device",
+        "non_blocking copy from pageable memory",
+    ]
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for x in obj:
+            yield from _tensors(x)
+
+
+def audited_main(argv: list[str]) -> list[str]:
+    """train.main(argv) with both audits on; returns every problem found (empty when the CUDA path is sound)."""
+    expected = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    problems, originals = [], {}
+
+    def checked(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for t in _tensors([*args, *kwargs.values()]):
+                if t.device != expected:
+                    problems.append(f"dist.{name} got a tensor on {t.device}, the run computes on {expected}")
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in COLLECTIVES:  # FSDP2 calls dist.<name>; object collectives call c10d's module-level functions
+        for mod in (dist, c10d):
+            if hasattr(mod, name):
+                originals[mod, name] = getattr(mod, name)
+                setattr(mod, name, checked(name, originals[mod, name]))
+    audit = DeviceAudit()
+    try:
+        with audit:
+            train.main(argv)
+    finally:
+        for (mod, name), fn in originals.items():
+            setattr(mod, name, fn)
+    return problems + audit.problems
+
+
+def _argv(assets, out):  # noqa: F811
+    return flags(
+        assets, out, stage=2, gradient_accumulation_steps=2, loss_reduction="global_token", max_grad_norm=0.5,
+        padding_free=True, save_steps=1, max_steps=2,
+    )  # fmt: skip
+
+
+def test_one_rank_collectives_and_tensors_on_the_compute_device(assets, tmp_path):  # noqa: F811
+    out = str(tmp_path / "o")
+    assert audited_main(_argv(assets, out)) == []
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]  # the audited run did train
+
+
+def _dist_audit(rank, world, argv, out_dir):
+    with open(os.path.join(out_dir, f"problems_{rank}.json"), "w") as f:
+        json.dump(audited_main(argv), f)
+
+
+@pytest.mark.dist
+def test_two_ranks_collectives_and_tensors_on_the_compute_device(assets, tmp_path):  # noqa: F811
+    run_distributed(_dist_audit, tmp_path, _argv(assets, str(tmp_path / "o")), str(tmp_path))
+    for rank in (0, 1):
+        with open(tmp_path / f"problems_{rank}.json") as f:
+            assert json.load(f) == [], f"rank {rank}"
