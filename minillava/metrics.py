@@ -4,7 +4,7 @@ VLM-aware MFU counts what the step really computes, per sample (no recompute cou
   vision tower: forward only, and only the layers up to mm_vision_select_layer;
   projector: forward + backward when trainable, forward only when frozen;
   LLM: 6*N*T when trained (stage 2); 4*N*T when frozen (stage 1: forward + input-gradient backward, no weight grads).
-This matches ../shared/bench/hf_baseline.py, so our numbers compare with the baseline's."""
+bench/hf_baseline.py (the plain-transformers baseline) is counted with this same model, so the two compare."""
 
 import json
 import os
@@ -72,14 +72,17 @@ class FlopModel:
             projector_trainable=trainable(model.mm_projector),
         )
 
-    def sample_flops(self, seq_len: int) -> float:
-        """FLOPs of one sample whose spliced LLM sequence has `seq_len` tokens (vision tower always runs)."""
+    def tower_flops(self) -> float:
+        """FLOPs of one image through the tower (forward, the layers that run) and the projector."""
         n = self.vit_tokens
         vit = 2 * self.vit_layer * self.vit_layers_run * n + 4 * self.vit_layers_run * n * n * self.vit_hidden
-        proj = (6 if self.projector_trainable else 2) * self.projector * self.image_tokens
+        return vit + (6 if self.projector_trainable else 2) * self.projector * self.image_tokens
+
+    def sample_flops(self, seq_len: int) -> float:
+        """FLOPs of one sample whose spliced LLM sequence has `seq_len` tokens (vision tower always runs)."""
         attn_fwd = 4 * self.llm_layers * seq_len * seq_len * self.hidden / 2
         llm = (6 if self.llm_trainable else 4) * self.llm_matmul * seq_len + 3 * attn_fwd
-        return vit + proj + llm
+        return self.tower_flops() + llm
 
 
 def sequence_lengths(batch: dict[str, torch.Tensor], image_tokens: int, max_len: int) -> list[int]:

@@ -1,9 +1,11 @@
-"""bench.py smoke test: --tiny runs the real FSDP2 train_step on CPU in seconds and reports every field; packed and
-padded runs see the same batches, so their losses agree (rtol/atol 1e-5) and only padding_share differs."""
+"""bench/bench.py smoke test: --tiny runs the real FSDP2 train_step on CPU in seconds and reports every field; packed
+and padded runs see the same batches, so their losses agree (rtol/atol 1e-5) and only padding_share differs. The
+baseline's batch conversion is pinned here; tests/test_gpu_session.py runs the baseline itself."""
 
 import pytest
+import torch
 
-import bench
+from bench import bench
 
 FIELDS = {"samples_per_s", "tokens_per_s", "mfu", "peak_mem_gb", "padding_share", "data_wait_share", "losses"}
 
@@ -29,9 +31,36 @@ def test_bench_tiny_stage1_fixed_text_with_checkpointing():
     assert record["mean_seq_len"] == 1 + 4 + 5  # BOS + 4 patches + 5 text tokens, as hf_baseline.py's T
 
 
-def test_bench_baseline_needs_cuda():
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_bench_baseline_at_full_shapes_needs_cuda():
     with pytest.raises(SystemExit):
-        bench.parse(["--tiny", "--baseline"])
+        bench.parse(["--baseline"])
+    assert bench.parse(["--tiny", "--baseline"]).baseline  # the dry run's tiny baseline runs on the CPU
+
+
+def test_hf_baseline_batch_expands_each_image_to_its_patches_and_keeps_the_labels():
+    """minillava's collated batch -> HF Llava's: <image> becomes P image-token positions labelled -100, truncation
+    after expansion, right padding, pixel rows only for image samples; the label tokens are the ones minillava
+    trains (metrics.label_token_count), so both runs do the same work."""
+    from bench.hf_baseline import IMAGE_ID, to_hf_batch
+    from minillava.constants import IGNORE_INDEX as X
+    from minillava.constants import IMAGE_TOKEN_INDEX as IMG
+    from minillava.metrics import label_token_count
+
+    batch = {
+        "input_ids": torch.tensor([[1, IMG, 5, 6, 7], [1, 8, 9, 0, 0]]),
+        "labels": torch.tensor([[X, X, X, 6, 7], [X, X, 9, X, X]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),
+        "pixel_values": torch.arange(2.0).view(2, 1, 1, 1).expand(2, 3, 2, 2),
+    }
+    hf = to_hf_batch(batch, image_tokens=3, max_len=6)
+    assert hf["input_ids"].tolist() == [[1, IMAGE_ID, IMAGE_ID, IMAGE_ID, 5, 6], [1, 8, 9, 0, 0, 0]]
+    assert hf["labels"].tolist() == [[X, X, X, X, X, 6], [X, X, 9, X, X, X]]
+    assert hf["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert hf["pixel_values"].shape[0] == 1 and hf["pixel_values"].max() == 0  # sample 0's image only
+    assert int((hf["labels"][:, 1:] != X).sum()) == label_token_count(batch, 3, 6) == 2
+    with pytest.raises(ValueError, match="cuts through an image"):
+        to_hf_batch(batch, image_tokens=3, max_len=2)
 
 
 def test_bench_compile_experiment_traces_without_graph_breaks_and_keeps_losses():

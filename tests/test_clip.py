@@ -113,3 +113,12 @@ def test_clip_two_ranks_equals_torch_clip_grad_norm_unsharded(assets, tmp_path):
         ranks = [torch.load(tmp_path / f"case{i}_rank{r}.pt", weights_only=False) for r in (0, 1)]
         assert ranks[0]["grad_norm"] == ranks[1]["grad_norm"]
         _check(argv, ranks[0]["before"], ranks[0]["after"], [r["micro"] for r in ranks], ranks[0]["grad_norm"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_clip_on_cuda_equals_torch_clip_grad_norm_unsharded(assets, tmp_path):  # noqa: F811
+    """fp32 on the GPU (TF32 off: conftest) against the unsharded copy on the CPU."""
+    argv = [*_argv(assets, str(tmp_path / "o"), 2), "--gradient_accumulation_steps", "2"]
+    r = _one_step(argv)
+    _check(argv, r["before"], r["after"], [r["micro"]], r["grad_norm"])

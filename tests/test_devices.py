@@ -141,3 +141,11 @@ def test_two_ranks_collectives_and_tensors_on_the_compute_device(assets, tmp_pat
     for rank in (0, 1):
         with open(tmp_path / f"problems_{rank}.json") as f:
             assert json.load(f) == [], f"rank {rank}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_run_collectives_and_tensors_on_the_gpu(assets, tmp_path):  # noqa: F811
+    """The same audits on a real NCCL run, in bf16 (fp32 masters and reductions) with the varlen kernel."""
+    argv = [*_argv(assets, str(tmp_path / "o")), "--bf16", "True"]
+    assert audited_main(argv) == []

@@ -1,13 +1,15 @@
 """Benchmark minillava's real train_step at LLaVA-1.5 sizes on one GPU; one JSON line per measurement. Not a test.
 
-    python bench.py --stage 1 --layers 32 --batch 32 --gradient_checkpointing --baseline
-    python bench.py --stage 2 --layers 8 --batch 16 --packing
-    python bench.py --tiny --stage 2 --steps 2            # CPU smoke run with tiny shapes (tests/test_bench.py)
+    python bench/bench.py --stage 1 --batch 32 --text 40 --gradient_checkpointing --baseline
+    python bench/bench.py --stage 2 --layers 8 --batch 16 --packing
+    python bench/bench.py --tiny --stage 2 --steps 2      # CPU smoke run with tiny shapes (tests/test_bench.py)
+    bash bench/gpu_session.sh                             # the whole GPU check in one command (BENCHMARKS.md)
 
 Vicuna-7B shapes (or --layers N of its 32) + CLIP-L/336 with random weights built on the meta device and
 materialised on the GPU (no weight files; FLOPs do not depend on values), FSDP2 on 1 rank exactly as train.py
 applies it, train.train_step on synthetic LLaVA-like micro-batches (see LengthMix). With --baseline,
-../shared/bench/hf_baseline.py runs first in a subprocess with the same shapes. BENCHMARKS.md explains every field.
+bench/hf_baseline.py (plain transformers) first runs the same micro-batches in a subprocess. BENCHMARKS.md explains
+every field.
 """
 
 import argparse
@@ -25,17 +27,19 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
-import train
-from minillava import distributed as D
-from minillava.attention import resolve_backend
-from minillava.config import Config, parse_args, str2bool
-from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from minillava.metrics import FlopModel, device_peak_flops, label_token_count, sequence_lengths
-from minillava.model import build_llava_from_config, set_trainable
-from minillava.optim import build_optimizer
-from minillava.sampler import DistributedModalityLengthSampler
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `python bench/bench.py` from anywhere: train.py lives at the repository root
+    sys.path.insert(0, REPO)
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+import train  # noqa: E402
+from minillava import distributed as D  # noqa: E402
+from minillava.attention import resolve_backend  # noqa: E402
+from minillava.config import Config, parse_args, str2bool  # noqa: E402
+from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from minillava.metrics import FlopModel, device_peak_flops, label_token_count, sequence_lengths  # noqa: E402
+from minillava.model import build_llava_from_config, set_trainable  # noqa: E402
+from minillava.optim import build_optimizer  # noqa: E402
+from minillava.sampler import DistributedModalityLengthSampler  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,8 @@ def bench_config(args: argparse.Namespace, output_dir: str) -> Config:
     return parse_args(argv)
 
 
-def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
-    """train.build_model's steps (meta build, freeze, bf16 frozen weights, AC, fully_shard), then random weights
-    written straight into the GPU shards instead of streaming a checkpoint from rank 0."""
+def meta_model(cfg: Config, args: argparse.Namespace):
+    """The trainer's LlavaModel at the benchmark's shapes on the meta device, frozen as the stage requires."""
     t = cfg.train
     llm_cfg, vis_cfg = model_configs(args)
     with torch.device("meta"):
@@ -156,6 +159,14 @@ def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
             padding_free=t.padding_free,
         )
     set_trainable(model, tune_mm_mlp_adapter=cfg.model.tune_mm_mlp_adapter)
+    return model
+
+
+def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
+    """train.build_model's steps (meta build, freeze, bf16 frozen weights, AC, fully_shard), then random weights
+    written straight into the GPU shards instead of streaming a checkpoint from rank 0."""
+    t = cfg.train
+    model = meta_model(cfg, args)
     flops = FlopModel.from_model(model)
     if t.bf16:  # as train.build_model: frozen weights need no fp32 master copy
         for p in model.parameters():
@@ -182,11 +193,13 @@ def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
     return model, flops
 
 
-def run_baseline(args: argparse.Namespace, text: int) -> dict:
-    """hf_baseline.py (HF LlavaForConditionalGeneration, SDPA, AdamW) in a subprocess: same GPU, same shapes."""
-    cmd = [sys.executable, args.baseline_script, "--stage", str(args.stage), "--layers", str(args.layers)]
-    cmd += ["--batch", str(args.batch), "--text", str(text), "--steps", str(args.steps)]
-    cmd += ["--gc", str(int(args.gradient_checkpointing))]
+def run_baseline(args: argparse.Namespace) -> dict:
+    """bench/hf_baseline.py in a subprocess (so the two never share GPU memory), on the same micro-batches."""
+    cmd = [sys.executable, os.path.join(REPO, "bench", "hf_baseline.py"), "--stage", str(args.stage)]
+    for k in ("layers", "batch", "steps", "warmup", "sim_world", "model_max_length", "seed"):
+        cmd += [f"--{k}", str(getattr(args, k))]
+    cmd += ["--text", str(args.text)] if args.text is not None else []
+    cmd += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--tiny"] * args.tiny
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -194,28 +207,31 @@ def run_baseline(args: argparse.Namespace, text: int) -> dict:
     return {**json.loads(lines[-1]), "cmd": " ".join(cmd)}
 
 
-def measure(cfg: Config, args: argparse.Namespace, info: D.DistInfo) -> dict:
-    """Build, run warmup + measured steps of train.train_step, and aggregate over the measured steps."""
-    model, flops = build_model(cfg, args, info.device)
+def make_batches(cfg: Config, args: argparse.Namespace, image_size: int, vocab: int) -> list[dict]:
+    """The run's micro-batches, seeded: a LengthMix (or --text) drawn for a --sim_world-GPU run, ordered by the
+    trainer's sampler (modality/length grouped in stage 2), rank 0's share. The baseline gets the same ones."""
     n_steps = args.warmup + args.steps
-    optimizer, scheduler = build_optimizer(model, cfg.train, n_steps)
     mix = (TINY_MIXES if args.tiny else MIXES)[args.stage]
     lengths = sample_lengths(mix, args.batch * args.sim_world * n_steps, args.seed, args.text)
-    # Micro-batches as rank 0 of a --sim_world-GPU run sees them: LLaVA's sampler (modality/length grouped in stage 2).
     sampler = DistributedModalityLengthSampler(
         lengths, args.batch, args.sim_world, 0, seed=args.seed, group_by_modality=cfg.train.group_by_modality_length
     )
     g = torch.Generator().manual_seed(args.seed)
-    image_size = model.vision_tower.config.image_size
-    vocab = model.llm.config.vocab_size
-    batches = [make_batch([lengths[i] for i in idx], args.stage, image_size, vocab, g) for idx in sampler][:n_steps]
+    return [make_batch([lengths[i] for i in idx], args.stage, image_size, vocab, g) for idx in sampler][:n_steps]
+
+
+def measure(cfg: Config, args: argparse.Namespace, info: D.DistInfo) -> dict:
+    """Build, run warmup + measured steps of train.train_step, and aggregate over the measured steps."""
+    model, flops = build_model(cfg, args, info.device)
+    optimizer, scheduler = build_optimizer(model, cfg.train, args.warmup + args.steps)
+    batches = make_batches(cfg, args, model.vision_tower.config.image_size, model.llm.config.vocab_size)
     if info.device.type == "cuda":
         batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
         torch.cuda.reset_peak_memory_stats(info.device)
     rows = []
     for step, batch in enumerate(batches):
         t0 = time.perf_counter()
-        micro = [{k: v.to(info.device, non_blocking=True) for k, v in batch.items()}]  # as train.micro_batch_stream
+        micro = [{k: v.to(info.device, non_blocking=v.is_pinned()) for k, v in batch.items()}]  # as train.py
         t_data = time.perf_counter() - t0
         metrics = train.train_step(model, micro, optimizer, scheduler, cfg)
         if info.device.type == "cuda":
@@ -225,6 +241,7 @@ def measure(cfg: Config, args: argparse.Namespace, info: D.DistInfo) -> dict:
         positions = sum(seq) if cfg.train.padding_free else len(seq) * max(seq)  # LLM positions computed
         rows.append(dict(dt=dt, data=t_data, seq=seq, positions=positions, loss=metrics["loss"], step=step))
         rows[-1]["labels"] = label_token_count(batch, model.num_image_tokens, cfg.train.model_max_length)
+        rows[-1]["towers"] = len(seq)  # the tower also runs on a text-only sample's zero image, as in LLaVA
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 1e9 if info.device.type == "cuda" else None
     head = model.llm.lm_head.weight.numel()
     del model, optimizer, scheduler
@@ -238,11 +255,15 @@ def summarise(rows: list[dict], flops: FlopModel, head: int, peak: float | None,
     time_s = sum(r["dt"] for r in rows)
     real = sum(sum(r["seq"]) for r in rows)
     step_flops = sum(flops.sample_flops(n) for r in rows for n in r["seq"])
+    # a run that skips the tower for text-only samples (the baseline) is not credited with its FLOPs
+    step_flops -= sum(len(r["seq"]) - r.get("towers", len(r["seq"])) for r in rows) * flops.tower_flops()
     # The formula (as hf_baseline.py's) counts lm_head on every position; the chunked CE runs it on labelled rows only.
     k = 6 if flops.llm_trainable else 4
     executed = step_flops - k * head * (real - sum(r["labels"] for r in rows))
     return {
         "steps_measured": len(rows),
+        "samples": sum(len(r["seq"]) for r in rows),
+        "label_tokens": sum(r["labels"] for r in rows),
         "step_s_median": round(statistics.median(r["dt"] for r in rows), 4),
         "samples_per_s": round(sum(len(r["seq"]) for r in rows) / time_s, 3),
         "tokens_per_s": round(real / time_s),  # real (unpadded) LLM tokens after the splice
@@ -288,18 +309,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model_max_length", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", **flag, help="tiny shapes; runs on CPU in seconds")
-    ap.add_argument("--baseline", **flag, help="also run hf_baseline.py with the same shapes (CUDA only)")
-    default_script = next(
-        (p for p in (os.path.join(REPO, "..", "shared", "bench", "hf_baseline.py"),
-                     os.path.join(REPO, "shared", "bench", "hf_baseline.py")) if os.path.exists(p)),
-        None,
-    )  # fmt: skip
-    ap.add_argument("--baseline_script", default=default_script)
+    ap.add_argument("--baseline", **flag, help="first run bench/hf_baseline.py on the same micro-batches")
     args = ap.parse_args(argv)
     args.layers = args.layers or (2 if args.tiny else 32)
     args.batch = args.batch or (32 if args.stage == 1 else 16)
-    if args.baseline and (args.tiny or not torch.cuda.is_available() or not args.baseline_script):
-        ap.error("--baseline needs CUDA, full shapes and hf_baseline.py (--baseline_script)")
+    if args.baseline and not (args.tiny or torch.cuda.is_available()):
+        ap.error("--baseline at full shapes needs CUDA (--tiny runs it on the CPU)")
     return args
 
 
@@ -308,9 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
     records = []
     if args.baseline:  # first, before this process holds any GPU memory
-        mix = MIXES[args.stage]
-        text = args.text if args.text is not None else round(sum(mix.image_text) / 2)
-        records.append(run_baseline(args, text))
+        records.append(run_baseline(args))
         print(json.dumps(records[-1]), flush=True)
     info = D.init_distributed()
     try:
@@ -325,9 +338,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(records[-1]), flush=True)
         base = records[0] if args.baseline else None
         if base and "error" not in base:
-            ratio = {"what": "ratio_minillava_over_hf_baseline", "same_shapes": args.text is not None}
+            ratio = {"what": "ratio_minillava_over_hf_baseline", "stage": args.stage, "layers": args.layers}
+            ratio["same_work"] = (base["samples"], base["label_tokens"]) == (record["samples"], record["label_tokens"])
             ratio["samples_per_s"] = round(record["samples_per_s"] / base["samples_per_s"], 3)
-            ratio["mfu"] = round(record["mfu"] / base["mfu_989"], 3) if record["mfu"] else None
+            ratio["mfu"] = round(record["mfu"] / base["mfu"], 3) if record["mfu"] and base["mfu"] else None
             records.append(ratio)
             print(json.dumps(ratio), flush=True)
     finally:
