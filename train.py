@@ -22,14 +22,8 @@ from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
 from minillava.export import checkpoint_kind, llava_checkpoint_configs, load_llava_checkpoint_state, read_settings
-from minillava.metrics import (
-    FlopModel,
-    MetricsLogger,
-    device_peak_flops,
-    label_token_count,
-    peak_memory_gb,
-    sequence_lengths,
-)
+from minillava.layout import Batch, LayoutCollator
+from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import (
     build_llava_from_config,
     build_projector,
@@ -43,30 +37,28 @@ from minillava.outputs import save_final
 from minillava.sampler import DistributedModalityLengthSampler
 
 
-def train_step(model, micro_batches: list[dict], optimizer, scheduler, cfg: Config) -> dict[str, float]:
-    """One optimizer step over gradient_accumulation_steps micro-batches; returns rank-averaged metrics."""
+def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Config) -> dict[str, float]:
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns rank-averaged metrics. Token counts
+    are host ints from the layout, so the step reads the device twice: the gradient norm and the logging reduction."""
     global_token = cfg.train.loss_reduction == "global_token"
-    if global_token:  # count every rank's label tokens of the whole step before any backward (torchtitan style)
-        n_step = D.all_reduce(
-            [sum(label_token_count(b, model.num_image_tokens, model.model_max_length) for b in micro_batches)]
-        )[0]
-    losses, counts = [], []
+    counts = [b.num_label_tokens for b in micro_batches]
+    if global_token:  # every rank's label tokens of the whole step, before any backward (torchtitan style)
+        n_step = D.all_reduce_on_device([float(sum(counts))]).clamp(min=1)  # stays on the device: no host read
+    losses = []
     for batch in micro_batches:
         loss_sum, n_tok = model(**batch)
-        # The one place the loss is normalised. llava (default, llava-reference.md 4.6): token mean per micro-batch,
-        # / GA here, and FSDP averages over ranks. global_token: sum / all label tokens of the step (FSDP sums).
-        loss = loss_sum / max(n_step, 1.0) if global_token else loss_sum / n_tok.clamp(min=1) / len(micro_batches)
+        # The one place the loss is normalised. llava (default, LLaVA's HF Trainer): token mean per micro-batch, / GA
+        # here, and FSDP averages over ranks. global_token: sum / all label tokens of the step (FSDP sums).
+        loss = loss_sum / n_step if global_token else loss_sum / max(n_tok, 1) / len(micro_batches)
         loss.backward()  # a fully masked micro-batch has loss 0 and zero gradients, never NaN
         losses.append(loss.detach())
-        counts.append(n_tok)
     grad_norm = D.clip_grad_norm(model, cfg.train.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # Logging only, one device sync: llava = mean of micro-batch means (then / ranks); global_token = this rank's
-    # share of the step's global token mean (summed over ranks).
-    counts_t = torch.stack(counts)
-    stats = torch.stack([torch.stack(losses).sum().double(), counts_t.sum().double(), (counts_t == 0).sum().double()])
+    # Logging, one device read: llava = mean of micro-batch means (then / ranks); global_token = this rank's share of
+    # the step's global token mean (summed over ranks).
+    stats = [torch.stack(losses).sum(), float(sum(counts)), float(sum(n == 0 for n in counts))]
     loss_val, tokens_total, empty = D.all_reduce(stats)
     loss_val = loss_val if global_token else loss_val / D.world_size()
     if not math.isfinite(loss_val):
@@ -145,7 +137,7 @@ def build_model(cfg: Config, info: D.DistInfo):
     return model, flops
 
 
-def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo):
+def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_image_tokens: int):
     """LLaVA's dataset + collator; the sampler gives each rank its micro-batches of LLaVA's grouped order."""
     d, t = cfg.data, cfg.train
     dataset = LazySupervisedDataset(
@@ -168,7 +160,12 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo):
         group_by_modality=t.group_by_modality_length,
         longest_first=t.longest_first,
     )
-    collate = DataCollator(pad_token_id=tokenizer.pad_token_id, model_max_length=t.model_max_length)
+    collate = LayoutCollator(  # LLaVA's collator, then the final layout (expanded images, packing) on the host
+        DataCollator(pad_token_id=tokenizer.pad_token_id, model_max_length=t.model_max_length),
+        image_tokens=num_image_tokens,
+        max_len=t.model_max_length,
+        padding_free=t.padding_free,
+    )
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -187,9 +184,7 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
     while True:
         sampler.set_epoch(epoch)
         for batch in loader:
-            # non_blocking only from pinned memory (the DataLoader pins on CUDA): from pageable memory it would not
-            # overlap anyway, and a later in-place write to the source could race the copy
-            yield epoch, {k: v.to(device, non_blocking=v.is_pinned()) for k, v in batch.items()}
+            yield epoch, batch.to(device)  # non_blocking from the pinned memory the DataLoader gives on CUDA
         epoch += 1
 
 
@@ -208,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, t.model_max_length)
         image_processor = load_image_processor(cfg.model.vision_tower)
         model, flops = build_model(cfg, info)
-        loader, sampler = build_loader(cfg, tokenizer, image_processor, info)
+        loader, sampler = build_loader(cfg, tokenizer, image_processor, info, model.num_image_tokens)
         ga = t.gradient_accumulation_steps
         total_steps = num_training_steps(
             sampler.steps_per_epoch, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps
@@ -241,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             if info.device.type == "cuda":
                 torch.cuda.synchronize(info.device)
             dt = time.perf_counter() - t0
-            seq = [n for b in micro for n in sequence_lengths(b, model.num_image_tokens, t.model_max_length)]
+            seq = [n for b in micro for n in b.seq_lens]
             step_flops, step_tokens = D.all_reduce([sum(map(flops.sample_flops, seq)), sum(seq)])
             metrics.update(
                 lr=next(iter(lrs.values())),

@@ -36,7 +36,7 @@ from minillava import distributed as D  # noqa: E402
 from minillava.attention import resolve_backend  # noqa: E402
 from minillava.config import Config, parse_args, str2bool  # noqa: E402
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from minillava.metrics import FlopModel, device_peak_flops, label_token_count, sequence_lengths  # noqa: E402
+from minillava.metrics import FlopModel, device_peak_flops  # noqa: E402
 from minillava.model import build_llava_from_config, set_trainable  # noqa: E402
 from minillava.optim import build_optimizer  # noqa: E402
 from minillava.sampler import DistributedModalityLengthSampler  # noqa: E402
@@ -224,23 +224,24 @@ def measure(cfg: Config, args: argparse.Namespace, info: D.DistInfo) -> dict:
     """Build, run warmup + measured steps of train.train_step, and aggregate over the measured steps."""
     model, flops = build_model(cfg, args, info.device)
     optimizer, scheduler = build_optimizer(model, cfg.train, args.warmup + args.steps)
-    batches = make_batches(cfg, args, model.vision_tower.config.image_size, model.llm.config.vocab_size)
+    raw = make_batches(cfg, args, model.vision_tower.config.image_size, model.llm.config.vocab_size)
+    batches = [model.layout(b) for b in raw]  # on the host, as the trainer's collator does
     if info.device.type == "cuda":
-        batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        batches = [b.pin_memory() for b in batches]
         torch.cuda.reset_peak_memory_stats(info.device)
     rows = []
     for step, batch in enumerate(batches):
         t0 = time.perf_counter()
-        micro = [{k: v.to(info.device, non_blocking=v.is_pinned()) for k, v in batch.items()}]  # as train.py
+        micro = [batch.to(info.device)]  # as train.micro_batch_stream
         t_data = time.perf_counter() - t0
         metrics = train.train_step(model, micro, optimizer, scheduler, cfg)
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         dt = time.perf_counter() - t0
-        seq = sequence_lengths(batch, model.num_image_tokens, cfg.train.model_max_length)
+        seq = list(batch.seq_lens)
         positions = sum(seq) if cfg.train.padding_free else len(seq) * max(seq)  # LLM positions computed
         rows.append(dict(dt=dt, data=t_data, seq=seq, positions=positions, loss=metrics["loss"], step=step))
-        rows[-1]["labels"] = label_token_count(batch, model.num_image_tokens, cfg.train.model_max_length)
+        rows[-1]["labels"] = batch.num_label_tokens
         rows[-1]["towers"] = len(seq)  # the tower also runs on a text-only sample's zero image, as in LLaVA
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 1e9 if info.device.type == "cuda" else None
     head = model.llm.lm_head.weight.numel()

@@ -1,74 +1,26 @@
-"""Padding-free micro-batches: pack a spliced, right-padded batch into one sequence, and the varlen attention that
-keeps its samples apart (--padding_free True).
+"""Varlen attention for padding-free micro-batches (--padding_free True): one packed sequence per micro-batch,
+attention kept inside each sample.
 
-`pack_batch` turns (B, T, D) embeddings into (1, N, D), N = real tokens only, with position_ids restarting at 0 per
-sample and cu_seqlens. `varlen_attention_forward` is registered with transformers' AttentionInterface under
-VARLEN_ATTENTION; LlamaModel.forward(**kwargs) hands it cu_seq_lens_q/k and max_length_q/k. On CUDA in bf16/fp16 it
-runs flash-attn's flash_attn_varlen_func when installed, else torch.nn.attention.varlen.varlen_attn; elsewhere (CPU,
-fp32) SDPA with a block-diagonal causal mask, so the same path runs in the CPU tests. Shapes: `# (N, H, Dh)` comments.
+The packed layout itself (positions restarting at 0 per sample, cu_seqlens, shifted labels) is built on the host by
+minillava/layout.py. `varlen_attention_forward` is registered with transformers' AttentionInterface under
+VARLEN_ATTENTION; LlamaModel.forward(**kwargs) hands it cu_seq_lens_q/k, max_length_q/k and our segment_lengths.
+On CUDA in bf16/fp16 it runs flash-attn's flash_attn_varlen_func when installed, else torch's
+nn.attention.varlen.varlen_attn; elsewhere (CPU, fp32) causal SDPA on each segment in turn, so the same path runs in
+the CPU tests. Shapes: `# (N, H, Dh)` comments.
 """
 
 import functools
 import importlib.util
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minillava.constants import IGNORE_INDEX
-
 VARLEN_ATTENTION = "minillava_varlen"  # the LLM's config._attn_implementation when --padding_free True
+PADDED_SDPA = "minillava_sdpa"  # ... for padded batches with --attn_implementation sdpa (the default)
 BACKENDS = ("auto", "flash_attn", "torch", "sdpa")
-
-
-@dataclass(frozen=True)
-class PackedBatch:
-    """One micro-batch as a single sequence of its real tokens (no padding row or column)."""
-
-    embeds: Tensor  # (1, N, D)
-    targets: Tensor  # (1, N) next-token label within the same sample; -100 at each sample's last token
-    position_ids: Tensor  # (1, N) 0, 1, ... restarting at every sample
-    cu_seqlens: Tensor  # (B + 1,) int32 sample boundaries in the packed sequence
-    max_len: int  # longest sample
-
-    def attention_kwargs(self) -> dict[str, Any]:
-        """The kwargs LlamaModel.forward passes down to every attention call (transformers' FlashAttentionKwargs)."""
-        cu = self.cu_seqlens
-        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_len, max_length_k=self.max_len)
-
-
-def pack_batch(embeds: Tensor, labels: Tensor, attention_mask: Tensor) -> PackedBatch:
-    """Keep the positions where attention_mask is True, sample after sample, as one (1, N) sequence.
-
-    Targets are shifted inside each sample before packing: position t of sample b predicts labels[b, t + 1] only if
-    t + 1 is still in sample b, so the last token of sample i never predicts the first token of sample i + 1. These
-    are exactly the (hidden, label) pairs of the padded path's hidden[:, :-1] / labels[:, 1:], in the same order.
-    """
-    B = embeds.shape[0]  # embeds (B, T, D)
-    mask = attention_mask.bool()  # (B, T)
-    next_real = torch.cat([mask[:, 1:], mask.new_zeros(B, 1)], dim=1)  # (B, T) position t + 1 is in the sample
-    shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], dim=1)  # (B, T)
-    targets = torch.where(next_real, shifted, IGNORE_INDEX)
-    positions = mask.long().cumsum(1) - 1  # (B, T) index of each real token within its sample
-    lengths = mask.sum(1)  # (B,)
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
-    return PackedBatch(
-        embeds=embeds[mask][None],  # (1, N, D), row-major = sample by sample
-        targets=targets[mask][None],
-        position_ids=positions[mask][None],
-        cu_seqlens=cu_seqlens,
-        max_len=int(lengths.max()),
-    )
-
-
-def block_causal_mask(cu_seqlens: Tensor, n: int) -> Tensor:
-    """(N, N) bool, True where query i may attend key j: same sample and j <= i (the fallback's SDPA mask)."""
-    idx = torch.arange(n, device=cu_seqlens.device)
-    sample = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)  # (N,) sample index of each position
-    return (sample[:, None] == sample[None, :]) & (idx[None, :] <= idx[:, None])
 
 
 @functools.cache
@@ -130,10 +82,18 @@ def resolve_backend(q: Tensor, backend: str = "auto") -> str:
 
 
 def varlen_causal_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int, scale: float | None, backend: str = "auto"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_len: int,
+    scale: float | None,
+    backend: str = "auto",
+    segment_lengths: tuple[int, ...] | None = None,
 ) -> Tensor:
     """Causal attention within each [cu_seqlens[i], cu_seqlens[i + 1]) segment. (N, Hq, Dh), (N, Hkv, Dh) x2 ->
-    (N, Hq, Dh). GQA (Hq a multiple of Hkv) is handled by every backend."""
+    (N, Hq, Dh). GQA (Hq a multiple of Hkv) is handled by every backend. The SDPA fallback needs the segment lengths
+    as host ints (segment_lengths; read from cu_seqlens only when not given)."""
     backend = resolve_backend(q, backend)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
@@ -145,11 +105,15 @@ def varlen_causal_attention(
         return _torch_varlen_causal(q, k, v, cu_seqlens, max_len, scale)
     if q.shape[1] != k.shape[1]:  # repeat rather than SDPA's enable_gqa: a SymBool argument breaks torch.compile
         k, v = _repeat_kv(q, k, v)
-    mask = block_causal_mask(cu_seqlens, q.shape[0])  # (N, N): O(N^2) memory, a CPU / fp32 correctness path
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )  # (Hq, N, Dh)
-    return out.transpose(0, 1)
+    if segment_lengths is None:
+        segment_lengths = tuple(cu_seqlens.diff().tolist())
+    # Each segment on its own: memory and FLOPs of sum(n_i^2), not of one (N, N) block-diagonal mask.
+    outs = [
+        F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), is_causal=True,
+                                       scale=scale).transpose(0, 1)
+        for qi, ki, vi in zip(*(x.split(segment_lengths) for x in (q, k, v)), strict=True)
+    ]  # fmt: skip
+    return torch.cat(outs)  # (N, Hq, Dh)
 
 
 def varlen_attention_forward(
@@ -162,6 +126,7 @@ def varlen_attention_forward(
     scaling: float | None = None,
     cu_seq_lens_q: Tensor | None = None,
     max_length_q: int | None = None,
+    segment_lengths: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """transformers attention-interface function: (1, H, N, Dh) packed q/k/v -> ((1, N, H, Dh), None).
@@ -170,12 +135,12 @@ def varlen_attention_forward(
     if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
         raise ValueError(
             f"{VARLEN_ATTENTION} attention needs one packed sequence with cu_seq_lens_q/max_length_q and no mask "
-            "(LlavaModel.forward with --padding_free True builds them); use sdpa for padded batches"
+            "(a minillava.layout packed Batch carries them); use sdpa for padded batches"
         )
     if dropout:
         raise ValueError(f"{VARLEN_ATTENTION} attention has no dropout (Llama's attention_dropout is 0)")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, H, Dh)
-    out = varlen_causal_attention(q, k, v, cu_seq_lens_q, max_length_q, scaling)
+    out = varlen_causal_attention(q, k, v, cu_seq_lens_q, max_length_q, scaling, segment_lengths=segment_lengths)
     return out[None], None
 
 
@@ -188,3 +153,36 @@ def register_varlen_attention() -> str:
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     return VARLEN_ATTENTION
+
+
+def padded_sdpa_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention-interface function for padded batches: HF's own SDPA attention, given the model's
+    (B, 1, T, T) causal mask, or none (is_causal) when no sample is padded.
+
+    Registered outside transformers' mask registry, so LlamaModel passes the mask through untouched: HF's mask
+    builder would read the 2D padding mask and the position ids on the host every forward (masking_utils
+    _ignore_causal_mask_sdpa, find_packed_sequence_indices). A 2D mask (generation) becomes the 4D one here."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.ndim == 2:  # (B, kv) padding -> (B, 1, q, kv) causal
+        q, kv = query.shape[2], attention_mask.shape[1]
+        causal = torch.ones(q, kv, dtype=torch.bool, device=query.device).tril(diagonal=kv - q)
+        attention_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register_padded_sdpa() -> str:
+    """Register padded_sdpa_forward with transformers (idempotent); returns its attn_implementation name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PADDED_SDPA, padded_sdpa_forward)
+    return PADDED_SDPA

@@ -336,8 +336,8 @@ def evaluate_colour_accuracy(
                 input_ids, labels = preprocess(convs, tokenizer, version, has_image=True)
                 sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
                 batch = collate([{**sample, "pixel_values": pixel_values}])
-                # One sample per forward: forward returns the loss summed over the batch (INTERFACES.md).
-                loss_sum, _ = model(**{k: v.to(device) for k, v in batch.items()})
+                # One sample per forward: forward returns the loss summed over the batch.
+                loss_sum, _ = model(**model.layout(batch).to(device))
                 losses.append(loss_sum.item())
             correct += colours[min(range(len(colours)), key=losses.__getitem__)] == record["colour"]
     model.train(was_training)

@@ -74,14 +74,24 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce(values: list[float] | torch.Tensor, op: str = "sum") -> list[float]:
-    """All-reduce a few numbers (a list, or a small device tensor: no host round trip) in one float64 collective on
-    collective_device() (op: sum, max or mean); one host sync to read the result. Used for logging and token counts."""
-    t = torch.as_tensor(values, dtype=torch.float64, device=collective_device())
+def all_reduce_on_device(values: list[float | torch.Tensor], op: str = "sum") -> torch.Tensor:
+    """All-reduce a few numbers (Python floats, or 0-dim tensors on the compute device) in one float64 collective
+    on collective_device() (op: sum, max or mean); the result stays there. Nothing is read back to the host: floats
+    become fill kernels (torch.full), not host-to-device copies."""
+    dev = collective_device()
+    t = torch.stack(
+        [v.to(dev, torch.float64).reshape(()) if isinstance(v, torch.Tensor) else torch.full((), v, dtype=torch.float64,
+                                                                                          device=dev) for v in values]
+    )  # fmt: skip
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t /= dist.get_world_size()
-    return t.tolist()
+    return t
+
+
+def all_reduce(values: list[float | torch.Tensor], op: str = "sum") -> list[float]:
+    """all_reduce_on_device, read back as Python floats: one host sync. Used for logging and token counts."""
+    return all_reduce_on_device(values, op).tolist()
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

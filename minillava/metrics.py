@@ -1,4 +1,4 @@
-"""Step metrics: token counts, VLM-aware FLOPs/MFU, peak memory, and the JSONL / wandb / tqdm sinks (rank 0 only).
+"""Step metrics: VLM-aware FLOPs/MFU, peak memory, and the JSONL / wandb / tqdm sinks (rank 0 only).
 
 VLM-aware MFU counts what the step really computes, per sample (no recompute counted, attention causal):
   vision tower: forward only, and only the layers up to mm_vision_select_layer;
@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
 
@@ -83,23 +81,6 @@ class FlopModel:
         attn_fwd = 4 * self.llm_layers * seq_len * seq_len * self.hidden / 2
         llm = (6 if self.llm_trainable else 4) * self.llm_matmul * seq_len + 3 * attn_fwd
         return self.tower_flops() + llm
-
-
-def sequence_lengths(batch: dict[str, torch.Tensor], image_tokens: int, max_len: int) -> list[int]:
-    """Per-sample LLM sequence length after the image splice and truncation (what the model really processes)."""
-    n_text = batch["attention_mask"].sum(1)
-    n_img = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(1)
-    return (n_text + n_img * (image_tokens - 1)).clamp(max=max_len).tolist()
-
-
-def label_token_count(batch: dict[str, torch.Tensor], image_tokens: int, max_len: int) -> int:
-    """Label tokens that will get a loss after the splice: label j of a row moves to j + (P - 1) * (images before j),
-    is dropped by the post-splice truncation at max_len, and position 0 predicts nothing (labels are shifted)."""
-    ids, labels = batch["input_ids"], batch["labels"]
-    images_before = torch.cumsum(ids == IMAGE_TOKEN_INDEX, dim=1) - (ids == IMAGE_TOKEN_INDEX).long()
-    pos = torch.arange(ids.shape[1], device=ids.device) + images_before * (image_tokens - 1)
-    keep = (labels != IGNORE_INDEX) & batch["attention_mask"] & (pos >= 1) & (pos < max_len)
-    return int(keep.sum())
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from minillava.attention import VARLEN_ATTENTION, pack_batch, register_varlen_attention
-from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from minillava.attention import VARLEN_ATTENTION, register_padded_sdpa, register_varlen_attention
+from minillava.constants import IGNORE_INDEX
+from minillava.layout import Batch, lay_out
 from minillava.loss import chunked_cross_entropy
 from minillava.weights import (  # INTERFACES.md lists these under model.py; they live in weights.py (line budget)
     load_mm_projector,
@@ -39,7 +40,7 @@ __all__ = [
     "pretrained_state_dict",
     "read_mm_projector",
     "set_trainable",
-    "splice_image_features",
+    "splice",
     "to_llava_key",
 ]
 
@@ -136,35 +137,78 @@ class LlavaModel(nn.Module):
         proj_dtype = next(self.mm_projector.parameters(), feats).dtype
         return self.mm_projector(feats.to(proj_dtype)).to(dtype)  # (N, P, D)
 
+    def layout(self, raw: dict[str, Tensor], padding_free: bool | None = None) -> Batch:
+        """A LLaVA-collated batch in this model's final layout (host-side: what the training collator does)."""
+        return lay_out(
+            {k: v.cpu() for k, v in raw.items()},
+            image_tokens=self.num_image_tokens,
+            max_len=self.model_max_length,
+            padding_free=self.padding_free if padding_free is None else padding_free,
+        )
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor, image_pos: Tensor, image_rows: Tensor) -> Tensor:
+        """Token embeddings with every image's projected features written at their layout positions: (B, T, D)."""
+        text_embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D); image positions are overwritten
+        return splice(text_embeds, self.encode_images(pixel_values, text_embeds.dtype), image_pos, image_rows)
+
     def embed_inputs(
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Spliced (inputs_embeds, labels, attention_mask, position_ids) for the LLM (LLaVA's prepare_inputs_...)."""
-        text_embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))  # (B, T, D); -200 rows unused
-        image_feats = self.encode_images(pixel_values, text_embeds.dtype)  # (N, P, D)
+        """For inference and inspection: (inputs_embeds, labels, attention_mask, position_ids) of a LLaVA-collated
+        batch in the padded layout, as LLaVA's prepare_inputs_labels_for_multimodal returns them."""
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
-        return splice_image_features(input_ids, labels, attention_mask, text_embeds, image_feats, self.model_max_length)
+        raw = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        b, dev = self.layout(raw, padding_free=False), input_ids.device
+        embeds = self.embed(b.input_ids.to(dev), pixel_values, b.image_pos.to(dev), b.image_rows.to(dev))
+        mask = torch.arange(b.max_len, device="cpu")[None, :] < torch.tensor(b.seq_lens, device="cpu")[:, None]
+        return embeds, b.labels.to(dev), mask.to(dev), b.position_ids.to(dev)
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor, pixel_values: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """(loss_sum fp32, num_tokens int64): summed next-token CE over labels != -100; the caller normalises."""
-        embeds, labels, attention_mask, position_ids = self.embed_inputs(
-            input_ids, attention_mask, pixel_values, labels
-        )
-        if self.padding_free:  # one (1, N) sequence of real tokens; attention stays inside each sample (attention.py)
-            p = pack_batch(embeds, labels, attention_mask)
-            out = self.llm.model(
-                inputs_embeds=p.embeds, position_ids=p.position_ids, use_cache=False, **p.attention_kwargs()
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        pixel_values: Tensor,
+        image_pos: Tensor,
+        image_rows: Tensor,
+        label_pos: Tensor,
+        label_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_len: int | None = None,
+        seq_lens: tuple[int, ...] | None = None,
+    ) -> tuple[Tensor, int]:
+        """(loss_sum fp32, num_tokens): summed next-token CE over the layout's labels (a minillava.layout.Batch,
+        model(**batch)); the caller normalises. Gathers and computes only: the layout was finished on the host."""
+        if (cu_seqlens is not None) != self.padding_free:
+            raise ValueError(
+                "a packed batch needs a model built with --padding_free True, and a padded one a model without it"
             )
-            return chunked_cross_entropy(out.last_hidden_state, p.targets, self.llm.lm_head, self.loss_chunk_size)
-        out = self.llm.model(  # right padding through HF's 2D-mask SDPA path
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        return chunked_cross_entropy(
-            out.last_hidden_state[:, :-1], labels[:, 1:], self.llm.lm_head, self.loss_chunk_size
-        )
+        embeds = self.embed(input_ids, pixel_values, image_pos, image_rows)  # (B, T, D) or (1, N, D)
+        if cu_seqlens is not None:  # one (1, N) sequence; attention stays inside each sample (attention.py)
+            attn = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len)
+            attn["segment_lengths"] = seq_lens  # host values for the CPU fallback's per-segment attention
+        else:  # right padding: the causal mask with the padded keys masked out; none when no sample is padded
+            attn = dict(attention_mask=None if attention_mask is None else self._causal_mask(attention_mask, embeds))
+        out = self.llm.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **attn)
+        hidden = out.last_hidden_state.flatten(0, 1)  # (B*T, D)
+        return chunked_cross_entropy(hidden, label_pos, label_ids, self.llm.lm_head, self.loss_chunk_size)
+
+    def _causal_mask(self, attention_mask: Tensor, embeds: Tensor) -> Tensor:
+        """(B, T) padding mask -> the (B, 1, T, T) causal mask HF would build from it, made here on the device: given
+        a 2D mask, transformers' masking_utils reads it on the host every forward (_ignore_causal_mask_sdpa) to
+        decide whether SDPA may skip it. A 4D mask is used as given. FA2 keeps the 2D mask (it unpads from it)."""
+        impl = self.llm.config._attn_implementation
+        if impl == "flash_attention_2":
+            return attention_mask
+        T = attention_mask.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+        mask = causal[None, None] & attention_mask[:, None, None, :]  # (B, 1, T, T) True = attend
+        if impl == "eager":  # eager adds the mask to the scores
+            return torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(embeds.dtype).min
+            )
+        return mask
 
     @torch.no_grad()
     def init_non_pretrained(self) -> None:
@@ -187,56 +231,14 @@ class LlavaModel(nn.Module):
                 m.reset_parameters()
 
 
-def splice_image_features(
-    input_ids: Tensor,
-    labels: Tensor,
-    attention_mask: Tensor,
-    text_embeds: Tensor,
-    image_feats: Tensor,
-    model_max_length: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Replace each IMAGE_TOKEN_INDEX by the next image's P features, in batch order (as LLaVA's
-    prepare_inputs_labels_for_multimodal in llava/model/llava_arch.py).
+def splice(text_embeds: Tensor, image_feats: Tensor, image_pos: Tensor, image_rows: Tensor) -> Tensor:
+    """Write image feature rows `image_rows` of (N, P, D) at flat positions `image_pos` of (B, T, D).
 
-    Drops padding (attention_mask False), expands each placeholder to P positions labelled -100, truncates every
-    sequence to model_max_length after expansion, re-pads right (zero embeddings, -100 labels). A text-only sample
-    still owns one image slot (its zero image), as LLaVA's cur_image_idx does. Every image feature enters the output
-    through one gather, so the tower/projector output stays in the graph (zero gradient where unused), which is what
-    LLaVA's zero-length `image_features[i][0:0]` achieves: every rank then runs the same backward collectives.
-    Returns (embeds (B, T2, D), labels (B, T2), attention_mask bool (B, T2), position_ids (B, T2)).
-    """
-    B, T = input_ids.shape
-    N, P, D = image_feats.shape
-    mask = attention_mask.bool()
-    is_img = (input_ids == IMAGE_TOKEN_INDEX) & mask  # (B, T)
-    slots = is_img.sum(1).clamp(min=1)  # (B,) images each sample consumes
-    if int(slots.sum()) != N:
-        n_ph, n_text = int(is_img.sum()), int((~is_img.any(1)).sum())
-        raise ValueError(
-            f"{n_ph} <image> placeholders plus {n_text} text-only samples (one zero image each) need "
-            f"{n_ph + n_text} images, got {N}"
-        )
-    width = torch.where(is_img, P, 1) * mask  # (B, T) output positions per input position (0 for padding)
-    start = width.cumsum(1) - width  # (B, T) output position of each input position
-    new_len = width.sum(1).clamp(max=model_max_length)  # (B,) truncation after expansion, as llava_arch.py
-    T2 = int(new_len.max())
-    # Gather table: rows [0, B*T) text, [B*T, B*T + N*P) image features, last row = padding.
-    pad_row = B * T + N * P
-    table = torch.cat([text_embeds.reshape(B * T, D), image_feats.reshape(N * P, D), text_embeds.new_zeros(1, D)])
-    label_table = torch.cat([labels.reshape(B * T), labels.new_full((N * P + 1,), IGNORE_INDEX)])
-    src = torch.full((B, T2), pad_row, dtype=torch.long, device=input_ids.device)  # (B, T2) row of table
-    b, t = torch.nonzero(mask & ~is_img, as_tuple=True)  # text tokens
-    col, keep = start[b, t], start[b, t] < T2  # col >= T2 only when past model_max_length
-    src[b[keep], col[keep]] = (b * T + t)[keep]
-    b, t = torch.nonzero(is_img, as_tuple=True)  # placeholders, row-major = batch order
-    slot = (slots.cumsum(0) - slots)[b] + is_img.cumsum(1)[b, t] - 1  # (N_ph,) image index of each placeholder
-    p = torch.arange(P, device=input_ids.device)
-    col = start[b, t][:, None] + p  # (N_ph, P)
-    keep = col < T2
-    src[b[:, None].expand(-1, P)[keep], col[keep]] = (B * T + slot[:, None] * P + p)[keep]
-    pos = torch.arange(T2, device=input_ids.device).expand(B, T2)  # (B, T2)
-    new_mask = pos < new_len[:, None]
-    return table[src], label_table[src], new_mask, pos * new_mask  # positions: arange on the valid prefix, else 0
+    Every image feature enters through one index_select, so the tower/projector output stays in the graph (zero
+    gradient where unused, e.g. a text-only sample's zero image or features past model_max_length), which is what
+    LLaVA's zero-length `image_features[i][0:0]` achieves: every rank then runs the same backward collectives."""
+    rows = image_feats.flatten(0, 1).index_select(0, image_rows)  # (K, D)
+    return text_embeds.flatten(0, 1).index_copy(0, image_pos, rows).view_as(text_embeds)
 
 
 def set_trainable(
@@ -285,7 +287,10 @@ def _attn_kw(attn_implementation: str, padding_free: bool = False) -> tuple[str,
             "--attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn)"
         )
     # The tower stays on SDPA unless eager is asked for: FA2 would need a bf16/fp16 tower.
-    llm_attn = register_varlen_attention() if padding_free else attn_implementation
+    if padding_free:
+        llm_attn = register_varlen_attention()
+    else:  # sdpa through our registration: the same kernel, no host reads in HF's mask builder (attention.py)
+        llm_attn = register_padded_sdpa() if attn_implementation == "sdpa" else attn_implementation
     return llm_attn, "eager" if attn_implementation == "eager" else "sdpa"
 
 

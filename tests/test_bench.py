@@ -41,11 +41,11 @@ def test_bench_baseline_at_full_shapes_needs_cuda():
 def test_hf_baseline_batch_expands_each_image_to_its_patches_and_keeps_the_labels():
     """minillava's collated batch -> HF Llava's: <image> becomes P image-token positions labelled -100, truncation
     after expansion, right padding, pixel rows only for image samples; the label tokens are the ones minillava
-    trains (metrics.label_token_count), so both runs do the same work."""
+    trains (the host layout's num_label_tokens), so both runs do the same work."""
     from bench.hf_baseline import IMAGE_ID, to_hf_batch
     from minillava.constants import IGNORE_INDEX as X
     from minillava.constants import IMAGE_TOKEN_INDEX as IMG
-    from minillava.metrics import label_token_count
+    from minillava.layout import lay_out
 
     batch = {
         "input_ids": torch.tensor([[1, IMG, 5, 6, 7], [1, 8, 9, 0, 0]]),
@@ -58,7 +58,8 @@ def test_hf_baseline_batch_expands_each_image_to_its_patches_and_keeps_the_label
     assert hf["labels"].tolist() == [[X, X, X, X, X, 6], [X, X, 9, X, X, X]]
     assert hf["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
     assert hf["pixel_values"].shape[0] == 1 and hf["pixel_values"].max() == 0  # sample 0's image only
-    assert int((hf["labels"][:, 1:] != X).sum()) == label_token_count(batch, 3, 6) == 2
+    ours = lay_out(batch, image_tokens=3, max_len=6, padding_free=False)
+    assert int((hf["labels"][:, 1:] != X).sum()) == ours.num_label_tokens == 2
     with pytest.raises(ValueError, match="cuts through an image"):
         to_hf_batch(batch, image_tokens=3, max_len=2)
 

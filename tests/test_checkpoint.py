@@ -283,7 +283,7 @@ def test_find_checkpoint_takes_only_complete_ones(tmp_path):
 
 
 def _step(model, optimizer, scheduler, batch, drop=None):
-    loss_sum, n = model(**batch)
+    loss_sum, n = model(**model.layout(batch))
     (loss_sum / n).backward()
     if drop:  # as if this param had not been used yet: no gradient, so AdamW creates no state for it
         dict(model.named_parameters())[drop].grad = None

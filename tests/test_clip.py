@@ -36,13 +36,15 @@ def _one_step(argv: list[str]) -> dict:
         from minillava.data import load_image_processor, load_tokenizer
 
         tok = load_tokenizer(cfg.model.model_name_or_path, cfg.train.model_max_length)
-        loader, sampler = train.build_loader(cfg, tok, load_image_processor(cfg.model.vision_tower), info)
+        loader, sampler = train.build_loader(
+            cfg, tok, load_image_processor(cfg.model.vision_tower), info, model.num_image_tokens
+        )
         optimizer, scheduler = train.build_optimizer(model, cfg.train, 2)
         stream = train.micro_batch_stream(loader, sampler, 0, info.device)
         micro = [next(stream)[1] for _ in range(cfg.train.gradient_accumulation_steps)]
         before = {k: v.clone() for k, v in full_tensors(model)}  # a 1-rank full tensor may alias the shard
         metrics = train.train_step(model, micro, optimizer, scheduler, cfg)
-        micro = [{k: v.cpu() for k, v in b.items()} for b in micro]  # the reference runs on the CPU
+        micro = [b.to(torch.device("cpu")) for b in micro]  # the reference runs on the CPU
         return {"before": before, "after": dict(full_tensors(model)), "micro": micro, "grad_norm": metrics["grad_norm"]}
     finally:
         D.cleanup(info)
@@ -70,7 +72,7 @@ def _reference(argv: list[str], before: dict, micro_by_rank: list[list[dict]], m
     for micro in micro_by_rank:
         for batch in micro:
             loss_sum, n_tok = model(**batch)
-            (loss_sum / n_tok.clamp(min=1) / len(micro) / world).backward()
+            (loss_sum / max(n_tok, 1) / len(micro) / world).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
     optimizer.step()

@@ -30,7 +30,7 @@ def _build(argv):
 def test_stage1_leaves_llm_and_tower_bit_identical(assets, tmp_path):  # noqa: F811
     cfg, info, model = _build(flags(assets, str(tmp_path / "o"), stage=1, bf16="False", learning_rate="1e-2"))
     try:
-        loader, sampler = train.build_loader(cfg, *_processors(cfg), info)
+        loader, sampler = train.build_loader(cfg, *_processors(cfg), info, model.num_image_tokens)
         optimizer, scheduler = train.build_optimizer(model, cfg.train, 3)
         stream = train.micro_batch_stream(loader, sampler, 0, info.device)
         before = {n: t.clone() for n, t in full_tensors(model)}
@@ -62,7 +62,7 @@ def test_bf16_keeps_fp32_masters_and_trains(assets, tmp_path):  # noqa: F811
         frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
         assert trainable and set(trainable.values()) == {torch.float32}  # fp32 master weights for the optimizer
         assert frozen and set(frozen.values()) == {torch.bfloat16}  # the frozen tower needs no master copy
-        loader, sampler = train.build_loader(cfg, *_processors(cfg), info)
+        loader, sampler = train.build_loader(cfg, *_processors(cfg), info, model.num_image_tokens)
         optimizer, scheduler = train.build_optimizer(model, cfg.train, 2)
         stream = train.micro_batch_stream(loader, sampler, 0, info.device)
         for _ in range(2):

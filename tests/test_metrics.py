@@ -1,5 +1,6 @@
-"""metrics.py's counts must agree with what the model really computes: label tokens after the image splice and
-truncation (global_token normalises by them before any forward), and spliced sequence lengths (tokens/s, MFU)."""
+"""The host layout's counts must agree with what the model really computes: label tokens after the image splice and
+truncation (global_token normalises by them before any forward), and spliced sequence lengths (tokens/s, MFU);
+and the FLOP model."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from test_model import make_model
 
 from minillava.constants import IGNORE_INDEX as IGN
 from minillava.constants import IMAGE_TOKEN_INDEX as IMG
-from minillava.metrics import FlopModel, label_token_count, sequence_lengths
+from minillava.metrics import FlopModel
 
 
 @pytest.mark.parametrize("max_len", [64, 9, 6])
@@ -24,10 +25,15 @@ def test_counts_match_the_models_splice_and_truncation(max_len):
     mask = torch.tensor([[1] * 6 + [0] * 2, [1] * 8, [1] * 5 + [0] * 3]).bool()
     labels = torch.where((ids > 9) & mask, ids, torch.full_like(ids, IGN))
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": torch.randn(4, 3, 28, 28)}
-    _, num_tokens = model(**batch)
-    assert label_token_count(batch, model.num_image_tokens, max_len) == int(num_tokens)
-    _, _, spliced_mask, _ = model.embed_inputs(ids, mask, batch["pixel_values"], labels)
-    assert sequence_lengths(batch, model.num_image_tokens, max_len) == spliced_mask.sum(1).tolist()
+    layout = model.layout(batch)
+    loss_sum, num_tokens = model(**layout)
+    reference = torch.nn.functional.cross_entropy  # the model's loss recomputed from its spliced labels
+    embeds, spliced_labels, spliced_mask, pos = model.embed_inputs(ids, mask, batch["pixel_values"], labels)
+    logits = model.llm(inputs_embeds=embeds, attention_mask=spliced_mask, position_ids=pos).logits.float()
+    ref = reference(logits[:, :-1].flatten(0, 1), spliced_labels[:, 1:].flatten(), reduction="sum")
+    assert layout.num_label_tokens == num_tokens == int((spliced_labels[:, 1:] != IGN).sum())
+    torch.testing.assert_close(loss_sum, ref, rtol=1e-5, atol=1e-5)
+    assert list(layout.seq_lens) == spliced_mask.sum(1).tolist()
 
 
 def test_flop_model_counts_frozen_llm_without_weight_gradients():

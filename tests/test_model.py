@@ -16,8 +16,10 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from minillava.attention import PADDED_SDPA
 from minillava.constants import IGNORE_INDEX as IGN
 from minillava.constants import IMAGE_TOKEN_INDEX as IMG
+from minillava.layout import lay_out
 from minillava.model import (
     LlavaModel,
     build_llava_from_config,
@@ -29,7 +31,7 @@ from minillava.model import (
     pretrained_state_dict,
     read_mm_projector,
     set_trainable,
-    splice_image_features,
+    splice,
     to_llava_key,
 )
 
@@ -109,14 +111,18 @@ def test_to_llava_key_golden():
 
 
 def splice_golden(ids, attn, labels, n_images, model_max_length=100):
-    """Splice with readable values: text row = (token id, 0), image n patch p = (1000 + 10 n + p, 1)."""
+    """Splice with readable values: token t embeds as (t, 0), image n patch p as (1000 + 10 n + p, 1). The layout is
+    made on the host (lay_out), the device part only gathers (splice)."""
     ids, attn, labels = torch.tensor(ids), torch.tensor(attn).bool(), torch.tensor(labels)
-    text = torch.stack([ids.float(), torch.zeros_like(ids, dtype=torch.float)], -1)  # (B, T, 2)
     img = torch.stack(
         [1000 + 10 * torch.arange(n_images)[:, None] + torch.arange(P) + 0.0, torch.ones(n_images, P)], -1
     )  # (N, P, 2)
-    emb, lab, mask, pos = splice_image_features(ids, labels, attn, text, img, model_max_length)
-    assert emb.shape[:2] == lab.shape == mask.shape == pos.shape and mask.dtype == torch.bool
+    raw = dict(input_ids=ids, labels=labels, attention_mask=attn, pixel_values=torch.zeros(n_images, 3, 28, 28))
+    b = lay_out(raw, image_tokens=P, max_len=model_max_length, padding_free=False)
+    text = torch.stack([b.input_ids.float(), torch.zeros_like(b.input_ids, dtype=torch.float)], -1)  # (B, T2, 2)
+    emb, lab, pos = splice(text, img, b.image_pos, b.image_rows), b.labels, b.position_ids
+    mask = torch.arange(b.max_len)[None, :] < torch.tensor(b.seq_lens)[:, None]
+    assert emb.shape[:2] == lab.shape == mask.shape == pos.shape
     assert torch.equal(emb[~mask], torch.zeros_like(emb[~mask]))  # zero-embedding padding
     return emb[..., 0].long().tolist(), lab.tolist(), mask.sum(1).tolist(), pos.tolist()
 
@@ -175,9 +181,11 @@ def test_splice_placeholder_image_count_mismatch_is_an_error():
 def test_splice_keeps_every_image_feature_in_the_graph():
     """Text-only batch: the (zero) image features still get a (zero) gradient, like LLaVA's [0:0] slice."""
     ids, attn = torch.tensor([[1, 2, 3], [1, 4, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    raw = dict(input_ids=ids, labels=ids.clone(), attention_mask=attn, pixel_values=torch.zeros(2, 3, 28, 28))
+    b = lay_out(raw, image_tokens=P, max_len=100, padding_free=False)
     text = torch.randn(2, 3, 8, requires_grad=True)
     img = torch.randn(2, P, 8, requires_grad=True)
-    emb, *_ = splice_image_features(ids, ids.clone(), attn, text, img, 100)
+    emb = splice(text, img, b.image_pos, b.image_rows)
     emb.sum().backward()
     assert img.grad is not None and torch.equal(img.grad, torch.zeros_like(img))
 
@@ -209,7 +217,7 @@ def test_vision_tower_skips_later_layers_and_runs_through_its_own_call():
     model.vision_tower.register_forward_pre_hook(lambda m, a: calls.append("tower"))
     model.vision_tower.encoder.layers[-1].register_forward_hook(lambda m, a, o: calls.append("last layer"))
     model.vision_tower.encoder.layers[-2].register_forward_hook(lambda m, a, o: calls.append("layer -2"))
-    model(**make_batch())
+    model(**model.layout(make_batch()))
     assert calls == ["tower", "layer -2"]
 
 
@@ -235,9 +243,9 @@ def reference_loss(model, batch):
 
 def test_forward_shapes_and_dtypes():
     model, batch = make_model(), make_batch()
-    loss, n = model(**batch)
+    loss, n = model(**model.layout(batch))
     assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert n.shape == () and n.dtype == torch.int64
+    assert isinstance(n, int)  # a host int: the layout's label count, no device read
     emb, labels, mask, _ = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     assert emb.shape == (3, 7 - 1 + P, 32) and (labels == IGN).all() and mask.sum(1).tolist() == [9, 10, 4]
     assert len(model.decoder_layers()) == 2 and all(isinstance(m, LlamaDecoderLayer) for m in model.decoder_layers())
@@ -248,14 +256,14 @@ def test_forward_shapes_and_dtypes():
 def test_chunked_loss_and_grads_equal_full_logits_reference(chunk):
     model, batch = make_model(loss_chunk_size=chunk), make_batch()
     set_trainable(model, tune_mm_mlp_adapter=False)  # stage 2: LLM + projector
-    loss, n = model(**batch)
+    loss, n = model(**model.layout(batch))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     ref, ref_n = reference_loss(model, batch)
     ref.backward()
     # supervised tokens: 4 in rows 0 and 1 (image and prompt positions are -100), 2 in row 2
-    assert n.item() == ref_n.item() == 10
+    assert n == ref_n == 10
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     for k, p in model.named_parameters():
         if p.requires_grad:
@@ -264,11 +272,11 @@ def test_chunked_loss_and_grads_equal_full_logits_reference(chunk):
 
 def test_loss_ignores_masked_labels():
     model, batch = make_model(), make_batch()
-    loss_all, n_all = model(**batch)
+    loss_all, n_all = model(**model.layout(batch))
     batch["labels"][0, 3:] = IGN  # drop three of the four supervised tokens of sample 0
-    loss, n = model(**batch)
+    loss, n = model(**model.layout(batch))
     ref, _ = reference_loss(model, batch)
-    assert n.item() == n_all.item() - 3
+    assert n == n_all - 3
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     assert loss.item() < loss_all.item()
 
@@ -277,8 +285,8 @@ def test_zero_label_batch_gives_zero_loss_and_zero_grads():
     model, batch = make_model(), make_batch()
     set_trainable(model, tune_mm_mlp_adapter=True)
     batch["labels"][:] = IGN
-    loss, n = model(**batch)
-    assert loss.item() == 0.0 and n.item() == 0  # HF's mean would be NaN here (ref 4.6)
+    loss, n = model(**model.layout(batch))
+    assert loss.item() == 0.0 and n == 0  # HF's mean would be NaN here (ref 4.6)
     loss.backward()
     for p in model.mm_projector.parameters():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
@@ -299,7 +307,7 @@ def test_stage1_only_projector_trains_and_tower_and_llm_get_no_grad():
     model = make_model()
     set_trainable(model, tune_mm_mlp_adapter=True)
     assert trainable(model) == {"mm_projector"}
-    loss, _ = model(**make_batch())
+    loss, _ = model(**model.layout(make_batch()))
     loss.backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == name.startswith("mm_projector."), name
@@ -314,7 +322,7 @@ def test_text_only_batch_still_gives_the_projector_a_gradient():
     set_trainable(model, tune_mm_mlp_adapter=True)
     batch = make_batch()
     batch["input_ids"][batch["input_ids"] == IMG] = 3
-    loss, _ = model(**batch)
+    loss, _ = model(**model.layout(batch))
     loss.backward()  # would raise "does not require grad" if the projector had left the graph
     assert all(p.grad is not None and not p.grad.any() for p in model.mm_projector.parameters())
 
@@ -421,7 +429,7 @@ def test_meta_build_then_pretrained_state_dict_equals_from_pretrained(tmp_path, 
     projector = {f"mm_projector.{k}": v for k, v in ref.mm_projector.state_dict().items()}
     model.load_state_dict(sd | projector, strict=True)
     batch = make_batch()
-    assert torch.equal(model(**batch)[0], ref(**batch)[0])
+    assert torch.equal(model(**model.layout(batch))[0], ref(**ref.layout(batch))[0])
 
 
 def test_init_non_pretrained_gives_default_projector_init():
@@ -447,7 +455,8 @@ def test_builder_errors(tmp_path):
     with pytest.raises(ValueError, match="--attn_implementation 'flex'"):
         make_model(attn_implementation="flex")
     assert make_model(attn_implementation="eager").llm.config._attn_implementation == "eager"
-    assert make_model().llm.config._attn_implementation == "sdpa"
+    # sdpa runs through minillava's registration of HF's SDPA (no host reads in HF's mask builder, attention.py)
+    assert make_model().llm.config._attn_implementation == PADDED_SDPA
     try:
         import flash_attn  # noqa: F401
     except ImportError:
@@ -464,12 +473,12 @@ def test_bf16_tower_with_fp32_llm_and_full_bf16_model():
     seen = []
     model.mm_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
     model.vision_tower.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
-    loss, _ = model(**make_batch())
+    loss, _ = model(**model.layout(make_batch()))
     loss.backward()
     assert seen == [torch.bfloat16, torch.float32] and torch.isfinite(loss)
     model = make_model(dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    loss, _ = model(**make_batch())
+    loss, _ = model(**model.layout(make_batch()))
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.mm_projector[0].weight.grad.dtype == torch.bfloat16

@@ -12,15 +12,11 @@ from conftest import tiny_clip_config, tiny_llama_config
 from test_train import assets, flags, losses  # noqa: F401 (assets is a fixture)
 
 from minillava import attention
-from minillava.attention import (
-    VARLEN_ATTENTION,
-    block_causal_mask,
-    pack_batch,
-    varlen_causal_attention,
-)
+from minillava.attention import VARLEN_ATTENTION, varlen_causal_attention
 from minillava.config import parse_args
 from minillava.constants import IGNORE_INDEX as IGN
 from minillava.constants import IMAGE_TOKEN_INDEX as IMG
+from minillava.layout import lay_out
 from minillava.model import build_llava_from_config, set_trainable
 
 P = 4  # tiny CLIP: 2x2 patches
@@ -67,29 +63,53 @@ BATCHES = {
 # ---------------------------------------------------------------- packing and mask
 
 
-def test_pack_batch_shifts_labels_inside_each_sample():
-    embeds = torch.arange(2 * 4, dtype=torch.float).reshape(2, 4, 1)  # value = flat position
-    labels = torch.tensor([[IGN, 11, 12, IGN], [IGN, 21, 22, 23]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
-    p = pack_batch(embeds, labels, mask)
-    assert p.embeds.flatten().tolist() == [0, 1, 2, 4, 5, 6, 7]  # padding position 3 is gone
+def test_packed_layout_shifts_labels_inside_each_sample():
+    raw = dict(
+        input_ids=torch.tensor([[1, 11, 12, 0], [1, 21, 22, 23]]),
+        labels=torch.tensor([[IGN, 11, 12, IGN], [IGN, 21, 22, 23]]),
+        attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool(),
+        pixel_values=torch.zeros(2, 3, 28, 28),  # text-only samples: one zero image each
+    )
+    p = lay_out(raw, image_tokens=P, max_len=2048, padding_free=True)
+    assert p.input_ids.tolist() == [[1, 11, 12, 1, 21, 22, 23]]  # padding position 3 is gone
     # position t predicts label t + 1 of the same sample; sample 0's last token must not predict sample 1's first
-    assert p.targets.tolist() == [[11, 12, IGN, 21, 22, 23, IGN]]
+    targets = torch.full((7,), IGN)
+    targets[p.label_pos] = p.label_ids
+    assert targets.tolist() == [11, 12, IGN, 21, 22, 23, IGN] and p.num_label_tokens == 5
     assert p.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
     assert p.cu_seqlens.tolist() == [0, 3, 7] and p.cu_seqlens.dtype == torch.int32 and p.max_len == 4
-    kw = p.attention_kwargs()
-    assert kw["cu_seq_lens_q"] is kw["cu_seq_lens_k"] is p.cu_seqlens and kw["max_length_q"] == kw["max_length_k"] == 4
+    assert p.seq_lens == (3, 4) and p.attention_mask is None
+    assert {"cu_seqlens", "max_len", "seq_lens"} <= set(p) and "attention_mask" not in p  # model(**p) kwargs
 
 
-def test_block_causal_mask_golden():
-    mask = block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5).int().tolist()
-    assert mask == [
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [0, 0, 1, 0, 0],
-        [0, 0, 1, 1, 0],
-        [0, 0, 1, 1, 1],
-    ]
+def test_fallback_attention_attends_per_segment_not_through_one_dense_mask():
+    """Bytes saved for backward by the CPU fallback over 4 segments of 61-107 tokens: per segment they grow with
+    sum(n_i^2); one (N, N) block-diagonal mask over the packed sequence would save several times more."""
+    lengths = [61, 107, 80, 95]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    n = sum(lengths)
+    q, k, v = (torch.randn(n, 4, 8, requires_grad=True) for _ in range(3))
+
+    def saved_bytes(fn):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(total)
+
+    def dense():  # the former fallback: one block-diagonal causal mask over all N positions
+        idx = torch.arange(n)
+        seg = torch.searchsorted(cu[1:].long(), idx, right=True)
+        mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+        return torch.nn.functional.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask)
+
+    ours = saved_bytes(lambda: varlen_causal_attention(q, k, v, cu, max(lengths), None, "sdpa", tuple(lengths)))
+    dense_bytes = saved_bytes(dense)
+    assert 0 < ours < dense_bytes / 2, (ours, dense_bytes)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # MHA and GQA
@@ -140,11 +160,13 @@ def test_packed_model_never_attends_across_samples():
     other["input_ids"][1, 3:6] = torch.tensor([7, 8, 9])
     other["pixel_values"][1] += 1.0
 
-    def packed_hidden(b):
-        embeds, labels, mask, _ = model.embed_inputs(b["input_ids"], b["attention_mask"], b["pixel_values"])
-        p = pack_batch(embeds, labels, mask)
-        out = model.llm.model(inputs_embeds=p.embeds, position_ids=p.position_ids, **p.attention_kwargs())
-        return out.last_hidden_state[0], int(p.cu_seqlens[1])
+    def packed_hidden(raw):
+        p = model.layout(raw)
+        embeds = model.embed(p.input_ids, p.pixel_values, p.image_pos, p.image_rows)
+        cu, n = p.cu_seqlens, p.max_len
+        kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+        out = model.llm.model(inputs_embeds=embeds, position_ids=p.position_ids, segment_lengths=p.seq_lens, **kw)
+        return out.last_hidden_state[0], p.seq_lens[0]
 
     with torch.no_grad():
         (h1, n1), (h2, _) = packed_hidden(batch), packed_hidden(other)
@@ -186,7 +208,7 @@ def test_padding_free_flag():
 
 
 def _loss_and_grads(model, batch):
-    loss_sum, n_tok = model(**batch)
+    loss_sum, n_tok = model(**model.layout(batch))
     loss_sum.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss_sum.detach(), n_tok, grads
@@ -286,7 +308,7 @@ def test_cuda_packed_matches_padded_bf16():
     losses = []
     for padding_free in (False, True):
         model = make_model(padding_free).to(device="cuda", dtype=torch.bfloat16)
-        loss_sum, n_tok = model(**batch)
+        loss_sum, n_tok = model(**model.layout(batch).to("cuda"))
         loss_sum.backward()  # through the varlen kernel's backward
         assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
         losses.append(float(loss_sum) / int(n_tok))
