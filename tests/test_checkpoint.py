@@ -12,9 +12,8 @@ import time
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import write_llava_dataset
+from conftest import flags, losses, write_llava_dataset
 from safetensors.torch import load_file
-from test_train import assets, flags, losses  # noqa: F401  (assets is a fixture)
 
 import train
 from minillava import distributed as D
@@ -31,7 +30,7 @@ STAGE1 = dict(max_steps=6, save_steps=2, save_total_limit=2, dataloader_num_work
 
 
 @pytest.fixture(scope="module")
-def data(assets):  # noqa: F811
+def data(assets):
     """test_train's assets plus a stage-2 dataset of image, multi-turn and text-only samples. (assets["data"] is not
     one: conftest.write_llava_dataset names its JSON after the last image, so the pretrain call overwrites it.)"""
     mixed, _ = write_llava_dataset(str(assets["root"] / "mixed"), n_image=12, n_text=4)

@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import draw_shape
+from conftest import draw_shape, flags
 from safetensors.torch import load_file, save_file
-from test_train import assets, flags  # noqa: F401 (assets is a fixture)
 from transformers import AutoProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
 import train
@@ -31,7 +30,7 @@ VARIANTS = {  # LLaVA-1.5 (patch, layer -2, pad) and the other branches (cls_pat
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def ckpt(request, assets, tmp_path_factory):  # noqa: F811
+def ckpt(request, assets, tmp_path_factory):
     """(stage-2 LLaVA-format folder written by train.main, its llava-hf export)."""
     root = tmp_path_factory.mktemp(request.param)
     stage2, hf = str(root / "stage2"), str(root / "hf")
@@ -116,7 +115,7 @@ def test_chat_template_renders_v1(ckpt):
     assert two == f"Be brief. USER: <image> \n{QUESTION} ASSISTANT: Red.</s>USER: And the shape? ASSISTANT:"
 
 
-def test_import_llava_folder_is_the_trainers_files(ckpt, assets):  # noqa: F811
+def test_import_llava_folder_is_the_trainers_files(ckpt, assets):
     """Independent of the export: our names mapped back with the trainer's own to_llava_key give the saved files."""
     llm_config, vision_config, state = export.load_llava_checkpoint_state(ckpt[0])
     files = read_folder(ckpt[0])
@@ -161,7 +160,7 @@ def test_round_trip_minillava_export_import(ckpt, tmp_path, layout):
     assert [getattr(s, f) for f in fields] == [getattr(t, f) for f in fields]
 
 
-def test_export_from_base_llm_and_stage1_adapter(assets, tmp_path):  # noqa: F811
+def test_export_from_base_llm_and_stage1_adapter(assets, tmp_path):
     s1, hf = str(tmp_path / "s1"), str(tmp_path / "hf")
     train.main(flags(assets, s1, stage=1, max_steps=1))
     adapter = os.path.join(s1, "mm_projector.bin")
@@ -188,7 +187,7 @@ def test_import_fills_a_missing_tower_copy_from_the_clip_folder(ckpt, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_errors(ckpt, assets, tmp_path):  # noqa: F811
+def test_errors(ckpt, assets, tmp_path):
     with pytest.raises(ValueError, match="not a llava-hf or LLaVA-format"):
         export.load_llava_checkpoint_state(assets["llm"])
     with pytest.raises(ValueError, match="LLaVA-format stage-2 folder"):
@@ -223,7 +222,7 @@ def test_sample_new_rows_distribution():
 @pytest.mark.skipif(
     not hasattr(train, "load_llava_checkpoint_state"), reason="train.build_model does not import checkpoints yet"
 )
-def test_finetune_from_llava_and_llava_hf_folders(ckpt, assets, tmp_path):  # noqa: F811
+def test_finetune_from_llava_and_llava_hf_folders(ckpt, assets, tmp_path):
     """Stage 2 started from the LLaVA folder and from its llava-hf export: same weights, so the same losses."""
     s, runs = export.read_settings(ckpt[0]), []
     model_flags = dict(

@@ -5,8 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import draw_shape, tiny_clip_config, tiny_llama_config
-from test_train import assets, flags  # noqa: F401 (assets is a fixture)
+from conftest import draw_shape, flags, tiny_clip_config, tiny_llama_config
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import train
@@ -53,7 +52,7 @@ def test_stops_at_eos(tiny_model):
     assert stopped == first[: first.index(eos) + 1]
 
 
-def test_cli_end_to_end(assets, tmp_path, capsys):  # noqa: F811
+def test_cli_end_to_end(assets, tmp_path, capsys):
     """train.main (1 step) -> generate CLI on the LLaVA folder and on its llava-hf export (same answer), and
     transformers' generate() on the export (chat template + processor) picks the same greedy tokens."""
     stage2, hf = str(tmp_path / "stage2"), str(tmp_path / "hf")
