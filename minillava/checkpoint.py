@@ -35,10 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from minillava.config import CONFIG_NAME
 from minillava.distributed import broadcast_object, print0
+from minillava.formats import llava_config
 from minillava.outputs import (
     atomic_write,
     discard_dir,
-    llava_config,
     make_tmp_dir,
     rank0,
     read_json,

@@ -177,3 +177,44 @@ def losses(out):
     """The logged losses of a run's metrics.jsonl."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
+
+
+def build_llava(llm_config, vision_config, **kw):
+    """build_llava_from_config with LlavaSettings fields as keywords too (mm_vision_select_layer=..., ...)."""
+    from dataclasses import fields
+
+    from minillava.model import LlavaSettings, build_llava_from_config
+
+    names = {f.name for f in fields(LlavaSettings)}
+    settings = LlavaSettings(**{k: v for k, v in kw.items() if k in names})
+    options = {k: v for k, v in kw.items() if k not in names}  # dtype, attn_implementation, padding_free, ...
+    return build_llava_from_config(llm_config, vision_config, settings, **options)
+
+
+def build_llava_from_pretrained(llm_dir: str, clip_dir: str, *, dtype=torch.float32, **kw):
+    """The reference build: transformers' own from_pretrained of two local folders, then LlavaModel around them."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from minillava.model import LlavaModel, LlavaSettings
+
+    for flag, path in (("--model_name_or_path", llm_dir), ("--vision_tower", clip_dir)):
+        if not os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r}: not a local folder (nothing is downloaded)")
+    llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
+    tower = CLIPVisionModel.from_pretrained(clip_dir, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
+    return LlavaModel(llm, tower, LlavaSettings(**kw))
+
+
+def mm_projector_state_dict(model):
+    """What outputs.save_projector writes for `model` (an unsharded one): formats.mm_projector_content."""
+    from minillava.formats import mm_projector_content
+
+    state = model.mm_projector.state_dict()
+    dtype = next(iter(state.values())).dtype
+    return mm_projector_content(((f"mm_projector.{k}", v.detach()) for k, v in state.items()), dtype)
+
+
+def make_tiny_llava(**kw):
+    """A tiny LlavaModel (tiny_llama_config + tiny_clip_config), seeded; keywords as build_llava's."""
+    torch.manual_seed(0)
+    return build_llava(tiny_llama_config(), tiny_clip_config(), **kw)

@@ -16,6 +16,7 @@ from dist import run_distributed
 import train
 from minillava import distributed as D
 from minillava.config import parse_args
+from minillava.formats import run_settings
 from minillava.model import build_llava_from_config, set_trainable
 from minillava.optim import build_optimizer
 from minillava.outputs import full_tensors
@@ -55,14 +56,9 @@ def _reference(argv: list[str], before: dict, micro_by_rank: list[list[dict]], m
 
     cfg = parse_args(argv)
     m = cfg.model
-    model = build_llava_from_config(
-        AutoConfig.from_pretrained(m.model_name_or_path),
-        CLIPVisionConfig.from_pretrained(m.vision_tower),
-        mm_projector_type=m.mm_projector_type,
-        mm_vision_select_layer=m.mm_vision_select_layer,
-        mm_vision_select_feature=m.mm_vision_select_feature,
-        model_max_length=cfg.train.model_max_length,
-    )
+    llm_config = AutoConfig.from_pretrained(m.model_name_or_path)
+    vision_config = CLIPVisionConfig.from_pretrained(m.vision_tower)
+    model = build_llava_from_config(llm_config, vision_config, run_settings(cfg))
     model.load_state_dict(before)
     set_trainable(model, tune_mm_mlp_adapter=m.tune_mm_mlp_adapter)
     optimizer, _ = build_optimizer(model, cfg.train, 2)

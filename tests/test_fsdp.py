@@ -13,7 +13,7 @@ from conftest import flags, write_llava_dataset
 import train
 from minillava import distributed as D
 from minillava.config import parse_args
-from minillava.model import pretrained_state_dict
+from minillava.formats import pretrained_state_dict
 from minillava.outputs import full_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,14 +13,12 @@ from minillava import export, generate
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import build_inference_prompt, tokenizer_image_token
 from minillava.data import load_tokenizer, open_image, process_image
-from minillava.model import build_llava_from_config
+from minillava.model import LlavaSettings, build_llava_from_config
 
 
 @pytest.fixture
 def tiny_model(seed):
-    model = build_llava_from_config(
-        tiny_llama_config(), tiny_clip_config(), mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2
-    )
+    model = build_llava_from_config(tiny_llama_config(), tiny_clip_config(), LlavaSettings())
     for p in model.parameters():  # a sharper random model: greedy paths then depend on every position
         p.data.normal_(0, 0.5)
     return model.eval()

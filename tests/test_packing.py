@@ -8,6 +8,7 @@ rtol 1e-6 on loss_sum, atol 1e-5 (rtol 1e-5) on every gradient and on the traine
 
 import pytest
 import torch
+from conftest import build_llava as build_llava_from_config
 from conftest import flags, losses, tiny_clip_config, tiny_llama_config
 
 from minillava import attention
@@ -20,7 +21,7 @@ from minillava.attention import (
 from minillava.config import parse_args
 from minillava.constants import IGNORE_INDEX as IGN
 from minillava.constants import IMAGE_TOKEN_INDEX as IMG
-from minillava.model import build_llava_from_config, set_trainable
+from minillava.model import set_trainable
 
 P = 4  # tiny CLIP: 2x2 patches
 
