@@ -15,8 +15,8 @@ No torch.distributed: tensors come back as stored; callers cast, shard and gathe
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import fields
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -162,7 +162,7 @@ def projector_state(projector_type: str, vision_config, llm_config, adapter: str
     return holder.state_dict()
 
 
-def mm_projector_content(named: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+def mm_projector_content(named: Iterable[tuple[str, Tensor]], dtype: torch.dtype) -> dict[str, Tensor]:
     """The mm_projector.bin dict from (our name, tensor) pairs: keys model.mm_projector.*, tensors in `dtype`."""
     return {to_llava_key(n): t.to(dtype) for n, t in named}
 
