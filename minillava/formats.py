@@ -42,18 +42,12 @@ EMBEDDINGS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")  # the rows
 _LLAVA = (("llm.model.", "model."), ("llm.lm_head.", "lm_head."), ("mm_projector.", "model.mm_projector."),
           ("vision_tower.", "model.vision_tower.vision_tower.vision_model."))  # fmt: skip
 _LLAVA_TOWER = "model.vision_tower.vision_tower."  # then a CLIP state dict (clip_vision_state)
-# Our names -> LlavaForConditionalGeneration's in-memory names (its save_pretrained picks the on-disk layout).
+# Our names <-> LlavaForConditionalGeneration's in-memory names. Its from_pretrained maps every on-disk layout to
+# these (transformers <= 4.51 and 5.x save_pretrained, >= 4.52's, hub folders with CLIP's vision_model. level) and
+# its save_pretrained picks the on-disk one, so no llava-hf file key is spelled here.
 _HF = (("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head."), ("vision_tower.", "model.vision_tower."),
        ("mm_projector.0.", "model.multi_modal_projector.linear_1."),
        ("mm_projector.2.", "model.multi_modal_projector.linear_2."))  # fmt: skip
-# llava-hf on disk -> ours, first match wins: the layout of transformers <= 4.51 and 5.x (language_model.model.*,
-# vision_tower.*), the in-memory one of >= 4.52 (model.language_model.*, lm_head.*); CLIP's vision_model. level
-# (hub folders) is stripped by clip_vision_state.
-_HF_RULES = ((r"(model\.language_model|language_model\.model)\.", "llm.model."),
-             (r"(language_model\.)?lm_head\.", "llm.lm_head."),
-             (r"(model\.)?vision_tower\.", "clip:"),
-             (r"(model\.)?multi_modal_projector\.linear_1\.", "mm_projector.0."),
-             (r"(model\.)?multi_modal_projector\.linear_2\.", "mm_projector.2."))  # fmt: skip
 
 
 def to_llava_key(name: str) -> str:
@@ -68,6 +62,14 @@ def to_hf_key(name: str) -> str:
     """Our parameter name -> LlavaForConditionalGeneration's (in memory)."""
     ours, theirs = next((o, t) for o, t in _HF if name.startswith(o))
     return theirs + name[len(ours) :]
+
+
+def from_hf_key(key: str, path: str) -> str:
+    """LlavaForConditionalGeneration's in-memory name -> ours."""
+    for ours, theirs in _HF:
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    raise _unexpected(path, key)
 
 
 def _unexpected(path: str, key: str) -> ValueError:
@@ -280,17 +282,14 @@ def llava_checkpoint_configs(path: str, vision_tower: str | None = None) -> tupl
 
 
 def _hf_state(path: str) -> dict[str, Tensor]:
-    """A llava-hf folder's tensors keyed by our names (any of the layouts in _HF_RULES)."""
-    out, clip = {}, {}
-    for key, value in read_weights(path, "checkpoint").items():
-        new = next((re.sub(f"^{pat}", rep, key) for pat, rep in _HF_RULES if re.match(pat, key)), None)
-        if new is None:
-            raise _unexpected(path, key)
-        if new.startswith("clip:"):
-            clip[new.removeprefix("clip:")] = value
-        elif not key.endswith(_NON_PERSISTENT):
-            out[new] = value
-    return out | clip_vision_state(clip)
+    """A llava-hf folder's tensors keyed by our names, read by LlavaForConditionalGeneration.from_pretrained (in the
+    config's dtype, dtype="auto"); every weight of the model must come from the folder and every file key be used."""
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype="auto", local_files_only=True, output_loading_info=True
+    )
+    if problems := {k: v for k, v in info.items() if v}:
+        raise ValueError(f"{path!r}: not a LLaVA-1.5 llava-hf folder ({problems})")
+    return {from_hf_key(k, path): v for k, v in model.state_dict().items()}
 
 
 def _llava_state(path: str, vision_tower: str | None) -> dict[str, Tensor]:
