@@ -26,8 +26,8 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # `python bench/hf_baseline.py` from anywhere
-    sys.path.insert(0, REPO)
+if sys.path[0] != REPO:  # `python bench/hf_baseline.py` from anywhere; first, even when PYTHONPATH has it, so that
+    sys.path.insert(0, REPO)  # `bench` is the package, not bench/bench.py beside this script
 
 import train  # noqa: E402
 from bench import bench as B  # noqa: E402
