@@ -15,23 +15,15 @@ import warnings
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, CLIPVisionConfig
 
 from minillava import distributed as D
 from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
-from minillava.export import checkpoint_kind, llava_checkpoint_configs, load_llava_checkpoint_state, read_settings
+from minillava.formats import check_paths, initial_state, run_configs, run_settings
 from minillava.layout import Batch, LayoutCollator
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
-from minillava.model import (
-    build_llava_from_config,
-    build_projector,
-    load_mm_projector,
-    parameter_report,
-    pretrained_state_dict,
-    set_trainable,
-)
+from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
 from minillava.outputs import save_final
 from minillava.sampler import DistributedModalityLengthSampler
@@ -72,67 +64,77 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_configs(cfg: Config) -> tuple:
-    """(llm_config, vision_config, from_llava): from the LLM + CLIP folders, or from a llava-hf / LLaVA-format
-    stage-2 folder given as --model_name_or_path (then its mm_* settings must match the flags)."""
-    m = cfg.model
-    if checkpoint_kind(m.model_name_or_path) is None:
-        return AutoConfig.from_pretrained(m.model_name_or_path), CLIPVisionConfig.from_pretrained(m.vision_tower), False
-    for f, v in vars(read_settings(m.model_name_or_path)).items():  # the model must be the one trained
-        if f.startswith("mm_") and getattr(m, f) != v:
-            raise ValueError(f"--{f} {getattr(m, f)!r}: {m.model_name_or_path} was trained with {v!r}")
-    return *llava_checkpoint_configs(m.model_name_or_path, m.vision_tower), True
-
-
-def initial_state(cfg: Config, llm_config, vision_config, from_llava: bool) -> dict[str, torch.Tensor]:
-    """Rank 0 only: the full starting weights (LLM + tower from their folders, or a whole LLaVA checkpoint) plus
-    the projector, seeded-random or from --pretrain_mm_mlp_adapter."""
-    m = cfg.model
-    if from_llava:  # LLM, tower and projector from the checkpoint
-        state = load_llava_checkpoint_state(m.model_name_or_path, m.vision_tower)[2]
-    else:
-        state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
-    if from_llava and not m.pretrain_mm_mlp_adapter and m.init_projector != "random":
-        return state  # keep the checkpoint's projector
-    torch.manual_seed(cfg.train.seed)
-    holder = torch.nn.Module()
-    holder.mm_projector = build_projector(m.mm_projector_type, vision_config.hidden_size, llm_config.hidden_size)
-    if m.pretrain_mm_mlp_adapter:
-        load_mm_projector(holder, m.pretrain_mm_mlp_adapter)
-    return {**state, **holder.state_dict()}
-
-
-def build_model(cfg: Config, info: D.DistInfo):
-    """Meta-device build -> freeze -> checkpointing -> fully_shard -> weights streamed from rank 0."""
+def meta_model(cfg: Config, llm_config, vision_config) -> LlavaModel:
+    """The run's LlavaModel on the meta device (no memory yet), frozen as the stage requires."""
     m, t = cfg.model, cfg.train
-    llm_config, vision_config, from_llava = model_configs(cfg)
-    kw = dict(
-        mm_projector_type=m.mm_projector_type,
-        mm_vision_select_layer=m.mm_vision_select_layer,
-        mm_vision_select_feature=m.mm_vision_select_feature,
-        model_max_length=t.model_max_length,
-        attn_implementation=t.attn_implementation,
-        padding_free=t.padding_free,
-    )
     with torch.device("meta"):
-        model = build_llava_from_config(llm_config, vision_config, **kw)
+        model = build_llava_from_config(
+            llm_config,
+            vision_config,
+            run_settings(cfg),
+            attn_implementation=t.attn_implementation,
+            padding_free=t.padding_free,
+        )
     set_trainable(
         model,
         tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
         freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
         freeze_backbone=m.freeze_backbone,
     )
+    return model
+
+
+def init_random_weights(model: LlavaModel, device: torch.device, seed: int) -> None:
+    """Materialise a sharded model on `device` with seeded random weights (no file is read): N(0, 0.02) matrices,
+    zero biases, unit norm weights, then the non-pretrained init. Each rank draws its own local shard."""
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if name.endswith("bias"):
+                local.zero_()
+            elif p.ndim == 1:  # norm weights
+                local.fill_(1.0)
+            else:
+                local.normal_(0.0, 0.02)
+        model.init_non_pretrained()  # RoPE / CLIP position buffers, projector default init
+
+
+def build_model(
+    cfg: Config,
+    info: D.DistInfo,
+    configs: tuple | None = None,
+    *,
+    random_weights_seed: int | None = None,
+    checkpoint_layers: int | None = None,
+    prepare=None,
+):
+    """Meta-device build -> freeze -> checkpointing -> fully_shard -> weights streamed from rank 0.
+
+    configs: (llm_config, vision_config), default the flags' folders (formats.run_configs). random_weights_seed:
+    read no weights, materialise seeded random ones (bench/bench.py). checkpoint_layers: with
+    --gradient_checkpointing, only the first K blocks. prepare(model): called on the meta model before activation
+    checkpointing and fully_shard (bench/bench.py compiles each block there)."""
+    t = cfg.train
+    llm_config, vision_config = configs or run_configs(cfg)
+    model = meta_model(cfg, llm_config, vision_config)
     D.print0(parameter_report(model))
     flops = FlopModel.from_model(model)
     if t.bf16:  # frozen weights need no fp32 master copy: store them in bf16 (LLaVA moves the tower to bf16 too)
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
+    if prepare is not None:
+        prepare(model)
     if t.gradient_checkpointing:
-        D.apply_activation_checkpointing(model.decoder_layers())
+        D.apply_activation_checkpointing(model.decoder_layers()[:checkpoint_layers])
     global_token = t.loss_reduction == "global_token"
     D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=global_token)
-    state = initial_state(cfg, llm_config, vision_config, from_llava) if info.is_main else None
+    if random_weights_seed is not None:
+        init_random_weights(model, info.device, random_weights_seed)
+        return model, flops
+    state = initial_state(cfg, llm_config, vision_config) if info.is_main else None
     D.materialize_and_load(model, state, info.device)  # only rank 0 read the files; the others get their shards
     return model, flops
 
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("RANK", "0") != "0":  # flag warnings once, from rank 0
         warnings.filterwarnings("ignore", category=ConfigWarning)
     cfg = parse_args(argv)
+    check_paths(cfg)  # the start-up checks that read the disk (parse_args reads nothing)
     info = D.init_distributed()
     t = cfg.train
     try:

@@ -37,7 +37,6 @@ from minillava.attention import resolve_backend  # noqa: E402
 from minillava.config import Config, parse_args, str2bool  # noqa: E402
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from minillava.metrics import FlopModel, device_peak_flops  # noqa: E402
-from minillava.model import build_llava_from_config, set_trainable  # noqa: E402
 from minillava.optim import build_optimizer  # noqa: E402
 from minillava.sampler import DistributedModalityLengthSampler  # noqa: E402
 
@@ -144,53 +143,25 @@ def bench_config(args: argparse.Namespace, output_dir: str) -> Config:
     return parse_args(argv)
 
 
-def meta_model(cfg: Config, args: argparse.Namespace):
-    """The trainer's LlavaModel at the benchmark's shapes on the meta device, frozen as the stage requires."""
-    t = cfg.train
-    llm_cfg, vis_cfg = model_configs(args)
-    with torch.device("meta"):
-        model = build_llava_from_config(
-            llm_cfg,
-            vis_cfg,
-            mm_projector_type=cfg.model.mm_projector_type,
-            mm_vision_select_layer=cfg.model.mm_vision_select_layer,
-            model_max_length=t.model_max_length,
-            attn_implementation=t.attn_implementation,
-            padding_free=t.padding_free,
-        )
-    set_trainable(model, tune_mm_mlp_adapter=cfg.model.tune_mm_mlp_adapter)
-    return model
-
-
 def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
-    """train.build_model's steps (meta build, freeze, bf16 frozen weights, AC, fully_shard), then random weights
-    written straight into the GPU shards instead of streaming a checkpoint from rank 0."""
-    t = cfg.train
-    model = meta_model(cfg, args)
-    flops = FlopModel.from_model(model)
-    if t.bf16:  # as train.build_model: frozen weights need no fp32 master copy
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+    """train.build_model at the benchmark's shapes (meta build, freeze, bf16 frozen weights, AC, fully_shard), with
+    seeded random weights written straight into the shards instead of streaming a checkpoint from rank 0."""
+    compile_blocks = None
     if args.compile:  # experiment: compile each block's forward; AC then checkpoints the compiled forward, and
-        for layer in model.decoder_layers():  # FSDP2's hooks stay outside it (they live on __call__)
-            layer.forward = torch.compile(layer.forward, dynamic=True, backend=args.compile_backend)
-    if t.gradient_checkpointing:  # --checkpoint_layers K: only the first K blocks (layer-selective AC)
-        D.apply_activation_checkpointing(model.decoder_layers()[: args.checkpoint_layers])
-    D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=False)
-    model.to_empty(device=device)
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # 1 rank: the local shard is the whole tensor
-            local = p.to_local() if hasattr(p, "to_local") else p
-            if name.endswith("bias"):
-                local.zero_()
-            elif p.ndim == 1:  # norm weights
-                local.fill_(1.0)
-            else:
-                local.normal_(0.0, 0.02)
-        model.init_non_pretrained()  # RoPE / CLIP position buffers, projector default init
-    return model, flops
+
+        def compile_blocks(model):  # FSDP2's hooks stay outside it (they live on __call__)
+            for layer in model.decoder_layers():
+                layer.forward = torch.compile(layer.forward, dynamic=True, backend=args.compile_backend)
+
+    info = D.DistInfo(rank=0, local_rank=0, world_size=1, device=device, owns_group=False)  # 1 rank (main)
+    return train.build_model(
+        cfg,
+        info,
+        model_configs(args),
+        random_weights_seed=args.seed,
+        checkpoint_layers=args.checkpoint_layers,  # --checkpoint_layers K: only the first K blocks (selective AC)
+        prepare=compile_blocks,
+    )
 
 
 def run_baseline(args: argparse.Namespace) -> dict:

@@ -6,7 +6,7 @@ Every --save_steps, output_dir/checkpoint-N/ (each rank writes its own shards; t
   trainer_state.json              step, scheduler, sampler position, the run's shape (world x GA x batch, data length)
   rng_state_<rank>.pth            python / numpy / torch / cuda RNG of every rank
   minillava_config.json           the resolved config
-  mm_projector.bin, config.json   stage 1 only: LLaVA's mid-run stage-1 files (ref 8.1)
+  mm_projector.bin, config.json   stage 1 only: LLaVA's mid-run stage-1 files (formats.py)
   COMPLETE                        written last
 Atomic: all of it goes to checkpoint-N.tmp-XXXX, COMPLETE last, then one directory rename. Resume only takes
 checkpoint-N directories holding COMPLETE, so a kill at any moment leaves every earlier checkpoint usable.
@@ -35,10 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from minillava.config import CONFIG_NAME
 from minillava.distributed import broadcast_object, print0
+from minillava.formats import llava_config
 from minillava.outputs import (
     atomic_write,
     discard_dir,
-    llava_config,
     make_tmp_dir,
     rank0,
     read_json,

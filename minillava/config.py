@@ -187,13 +187,8 @@ class Config:
         """Plain nested dict (JSON-serialisable)."""
         return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, dict[str, Any]]) -> "Config":
-        """Inverse of to_dict (e.g. for minillava_config.json)."""
-        return cls(model=ModelArgs(**d["model"]), data=DataArgs(**d["data"]), train=TrainArgs(**d["train"]))
-
     def validate(self) -> None:
-        """Raise ValueError naming the flag for any unsupported or inconsistent value."""
+        """Raise ValueError naming the flag for any unsupported or inconsistent value; pure (no file is read)."""
         v = {**asdict(self.model), **asdict(self.data), **asdict(self.train)}
         for name, allowed in {"version": tuple(sorted(_known_versions())), **_CHOICES}.items():
             _check(v[name] in allowed, name, v[name], f"supported: {', '.join(map(str, allowed))}")
@@ -206,24 +201,10 @@ class Config:
         _check(0.0 <= v["warmup_ratio"] <= 1.0, "warmup_ratio", v["warmup_ratio"], "must be in [0, 1]")
         _check(v["max_steps"] > 0 or v["num_train_epochs"] > 0, "num_train_epochs", v["num_train_epochs"],
                "must be > 0 unless --max_steps > 0")  # fmt: skip
-        # LLaVA silently starts stage 2 from a random projector when the adapter path is forgotten (its default
-        # is None), which wastes a whole finetune. We refuse unless the user opts in with --init_projector random.
+        # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats.check_paths.
         adapter, init = v["pretrain_mm_mlp_adapter"], v["init_projector"]
-        if not v["tune_mm_mlp_adapter"] and adapter is None and init == "auto" and not _is_llava_checkpoint(v):
-            raise ValueError(
-                "--pretrain_mm_mlp_adapter is required when the projector is not trained from scratch "
-                "(--tune_mm_mlp_adapter False, i.e. stage 2): pass the stage-1 output_dir/mm_projector.bin, "
-                "or --init_projector random to start from a random projector on purpose (what LLaVA does silently)"
-            )
         if init == "random" and adapter is not None:
             raise ValueError("--init_projector random contradicts --pretrain_mm_mlp_adapter; give one of them")
-
-
-def _is_llava_checkpoint(v: dict[str, Any]) -> bool:
-    """--model_name_or_path is a llava-hf / LLaVA stage-2 folder: the projector comes with it."""
-    from minillava.export import checkpoint_kind  # lazy: config stays light
-
-    return checkpoint_kind(v["model_name_or_path"]) is not None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,8 +17,8 @@ from transformers import DynamicCache
 
 from minillava.conversation import build_inference_prompt, tokenizer_image_token
 from minillava.data import load_image_processor, load_tokenizer, open_image, process_image
-from minillava.export import LlavaSettings, checkpoint_kind, load_llava_checkpoint_state, read_settings
-from minillava.model import LlavaModel, build_llava_from_config
+from minillava.formats import checkpoint_kind, load_llava_checkpoint_state, read_settings
+from minillava.model import LlavaModel, LlavaSettings, build_llava_from_config
 
 
 def load_model(
@@ -28,15 +28,7 @@ def load_model(
     settings = read_settings(checkpoint)
     llm_config, vision_config, state = load_llava_checkpoint_state(checkpoint, vision_tower)
     with torch.device("meta"):  # no random init of weights that are overwritten anyway
-        model = build_llava_from_config(
-            llm_config,
-            vision_config,
-            dtype=dtype,
-            mm_projector_type=settings.mm_projector_type,
-            mm_vision_select_layer=settings.mm_vision_select_layer,
-            mm_vision_select_feature=settings.mm_vision_select_feature,
-            model_max_length=settings.model_max_length,
-        )
+        model = build_llava_from_config(llm_config, vision_config, settings, dtype=dtype)
     model.to_empty(device="cpu")
     model.init_non_pretrained()  # non-persistent buffers (RoPE, CLIP position ids); every weight is loaded next
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)

@@ -8,9 +8,8 @@ Behaviour follows llava/model/llava_arch.py and language_model/llava_llama.py (a
 
 import functools
 import importlib.util
-import os
 import re
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -20,32 +19,24 @@ from minillava.attention import VARLEN_ATTENTION, register_padded_sdpa, register
 from minillava.constants import IGNORE_INDEX
 from minillava.layout import Batch, lay_out
 from minillava.loss import chunked_cross_entropy
-from minillava.weights import (  # INTERFACES.md lists these under model.py; they live in weights.py (line budget)
-    load_mm_projector,
-    mm_projector_state_dict,
-    pretrained_state_dict,
-    read_mm_projector,
-    to_llava_key,
-)
-
-__all__ = [
-    "LlavaModel",
-    "build_llava_from_config",
-    "build_llava_from_pretrained",
-    "build_projector",
-    "chunked_cross_entropy",
-    "load_mm_projector",
-    "mm_projector_state_dict",
-    "parameter_report",
-    "pretrained_state_dict",
-    "read_mm_projector",
-    "set_trainable",
-    "splice",
-    "to_llava_key",
-]
 
 SELECT_FEATURES = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlavaSettings:
+    """The LLaVA knobs a model is built, fed and saved with (LLaVA's mm_* config fields, llava/model/llava_arch.py).
+
+    The model uses the first four; image_aspect_ratio is the data's, vision_tower the CLIP folder a LLaVA-format
+    checkpoint names (llava-hf folders carry their vision config)."""
+
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    model_max_length: int = 2048
+    image_aspect_ratio: str = "pad"
+    vision_tower: str | None = None
 
 
 def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) -> nn.Module:
@@ -88,14 +79,14 @@ class LlavaModel(nn.Module):
         self,
         llm: LlamaForCausalLM,
         vision_tower: CLIPVisionModel,
+        settings: LlavaSettings | None = None,
         *,
-        mm_projector_type: str = "mlp2x_gelu",
-        mm_vision_select_layer: int = -2,
-        mm_vision_select_feature: str = "patch",
-        model_max_length: int = 2048,
         loss_chunk_size: int = 2048,
     ) -> None:
         super().__init__()
+        self.settings = settings = settings or LlavaSettings()
+        mm_projector_type, mm_vision_select_layer = settings.mm_projector_type, settings.mm_vision_select_layer
+        mm_vision_select_feature, model_max_length = settings.mm_vision_select_feature, settings.model_max_length
         n = vision_tower.config.num_hidden_layers
         if not -(n + 1) <= mm_vision_select_layer <= n:
             raise ValueError(f"--mm_vision_select_layer {mm_vision_select_layer}: the tower has {n} layers")
@@ -297,37 +288,15 @@ def _attn_kw(attn_implementation: str, padding_free: bool = False) -> tuple[str,
 def build_llava_from_config(
     llm_config: LlamaConfig,
     vision_config: CLIPVisionConfig,
+    settings: LlavaSettings | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     padding_free: bool = False,
-    **kw: Any,
+    loss_chunk_size: int = 2048,
 ) -> LlavaModel:
     """LlavaModel from configs with random weights; cheap under `with torch.device("meta"):` (load weights later)."""
     llm_attn, tower_attn = _attn_kw(attn_implementation, padding_free)
     llm = LlamaForCausalLM._from_config(llm_config, attn_implementation=llm_attn, dtype=dtype)
     tower = CLIPVisionModel._from_config(vision_config, attn_implementation=tower_attn, dtype=dtype)
-    return LlavaModel(llm, tower, **kw)
-
-
-def build_llava_from_pretrained(
-    model_name_or_path: str,
-    vision_tower: str,
-    *,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
-    padding_free: bool = False,
-    **kw: Any,
-) -> LlavaModel:
-    """LlavaModel from two local HF folders (any path; never trust_remote_code), for single-process use."""
-    for flag, path in (("--model_name_or_path", model_name_or_path), ("--vision_tower", vision_tower)):
-        if not os.path.isdir(path):
-            raise ValueError(f"{flag} {path!r}: not a local folder (nothing is downloaded)")
-    llm_attn, tower_attn = _attn_kw(attn_implementation, padding_free)
-    llm = LlamaForCausalLM.from_pretrained(
-        model_name_or_path, dtype=dtype, attn_implementation=llm_attn, local_files_only=True, trust_remote_code=False
-    )
-    tower = CLIPVisionModel.from_pretrained(
-        vision_tower, dtype=dtype, attn_implementation=tower_attn, local_files_only=True, trust_remote_code=False
-    )
-    return LlavaModel(llm, tower, **kw)
+    return LlavaModel(llm, tower, settings, loss_chunk_size=loss_chunk_size)

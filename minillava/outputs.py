@@ -1,9 +1,10 @@
-"""Final outputs in LLaVA's formats (safe_save_model_for_hf_trainer) and the atomic file helpers checkpoints share.
+"""Writing the final outputs (llava/train/train.py safe_save_model_for_hf_trainer) and the atomic file helpers
+checkpoints share. What goes into each file (names, contents, config.json) is minillava.formats'.
 
 Final outputs, gathered one tensor at a time and written by rank 0 through a staging directory:
-stage 1 -> output_dir/mm_projector.bin (keys model.mm_projector.*) + config.json
-stage 2 -> output_dir as an HF folder: config.json (llava_llama, mm_* fields), model-0000x-of-0000y.safetensors +
-           index with LLaVA's key names, generation_config.json, tokenizer files.
+stage 1 -> output_dir/mm_projector.bin + config.json
+stage 2 -> output_dir as a LLaVA stage-2 folder: config.json, sharded safetensors + index, generation_config.json,
+           tokenizer files.
 Writes go to a temporary name (file or staging directory) and are renamed into place, so a kill never leaves
 a half-written output.
 """
@@ -23,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from minillava.distributed import broadcast_object
-from minillava.model import to_llava_key
+from minillava.formats import INDEX_NAME, SHARD_NAME, llava_config, mm_projector_content, shard_name, to_llava_key
 
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
 
@@ -104,42 +105,9 @@ def full_tensors(model: nn.Module, prefix: str = "", device: str | None = "cpu")
         yield name, value.detach() if device is None else value.detach().to(device)
 
 
-def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
-    """The LLM's config.json plus LLaVA's mm_* fields (train.py, llava_arch.py), model_type llava_llama."""
-    conf = model.llm.config.to_dict()
-    m, d, t = cfg.model, cfg.data, cfg.train
-    dtype_name = str(dtype).removeprefix("torch.")
-    conf.update(
-        model_type="llava_llama",
-        architectures=["LlavaLlamaForCausalLM"],
-        dtype=dtype_name,  # of the saved weights (the in-memory LLM config says float32)
-        torch_dtype=dtype_name,  # the key transformers 4.x (LLaVA's loader) reads
-        mm_vision_tower=m.vision_tower,
-        use_mm_proj=True,
-        mm_projector_type=m.mm_projector_type,
-        mm_hidden_size=model.vision_tower.config.hidden_size,
-        mm_vision_select_layer=m.mm_vision_select_layer,
-        mm_vision_select_feature=m.mm_vision_select_feature,
-        mm_patch_merge_type=m.mm_patch_merge_type,
-        image_aspect_ratio=d.image_aspect_ratio,
-        tokenizer_padding_side="right",
-        tokenizer_model_max_length=t.model_max_length,
-        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
-        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
-        mm_use_im_start_end=m.mm_use_im_start_end,
-        mm_projector_lr=t.mm_projector_lr,
-        mm_use_im_patch_token=m.mm_use_im_patch_token,
-        use_cache=True,
-    )
-    conf.pop("_name_or_path", None)
-    if "rope_theta" in (conf.get("rope_parameters") or {}):  # transformers 4.x (LLaVA) reads only the flat key
-        conf.setdefault("rope_theta", conf["rope_parameters"]["rope_theta"])
-    return conf
-
-
 def save_projector(model: nn.Module, path: str, dtype: torch.dtype) -> None:
-    """Write LLaVA's mm_projector.bin (keys model.mm_projector.{0,2}.{weight,bias}). Collective: call on all ranks."""
-    state = {to_llava_key(n): t.to(dtype) for n, t in full_tensors(model, "mm_projector.")}
+    """Write LLaVA's mm_projector.bin. Collective: call on all ranks."""
+    state = mm_projector_content(full_tensors(model, "mm_projector."), dtype)
     if rank0():
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -173,7 +141,7 @@ def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes
     if on_rank0:
         flush()
         for i, keys in enumerate(shards):
-            final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            final = shard_name(i, len(shards))
             os.replace(os.path.join(out, f"part-{i}"), os.path.join(out, final))
             weight_map.update(dict.fromkeys(keys, final))
     return {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -182,10 +150,10 @@ def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes
 def _publish(stage: str, out: str) -> None:
     """Move the staged files into `out`, index and config.json last; remove shards of an earlier save that the new
     index does not list. Every file was complete before its rename."""
-    names = sorted(os.listdir(stage), key=lambda n: (n in ("model.safetensors.index.json", "config.json"), n))
-    if "model.safetensors.index.json" in names:
+    names = sorted(os.listdir(stage), key=lambda n: (n in (INDEX_NAME, "config.json"), n))
+    if INDEX_NAME in names:
         for old in os.listdir(out):
-            if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old) and old not in names:
+            if SHARD_NAME.fullmatch(old) and old not in names:
                 os.remove(os.path.join(out, old))
     for name in names:
         os.replace(os.path.join(stage, name), os.path.join(out, name))
@@ -205,7 +173,7 @@ def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_b
         index = _save_shards(model, stage, dtype, max_shard_bytes)
     if rank0():
         if not cfg.model.tune_mm_mlp_adapter:
-            write_json(os.path.join(stage, "model.safetensors.index.json"), index)
+            write_json(os.path.join(stage, INDEX_NAME), index)
             model.llm.generation_config.save_pretrained(stage)
             tokenizer.save_pretrained(stage)
             sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")

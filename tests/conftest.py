@@ -127,3 +127,94 @@ def llava_data(tmp_path):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Local HF folders as a user has them: a Vicuna-like LLM folder (weights + tokenizer), a CLIP folder (weights +
+    preprocessor config), and a LLaVA-format dataset with image and text-only samples."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("assets")
+    llm_dir, clip_dir = str(root / "llm"), str(root / "clip")
+    build_tokenizer_dir(llm_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(llm_dir)
+    CLIPVisionModel(tiny_clip_config()).save_pretrained(clip_dir)
+    build_image_processor().save_pretrained(clip_dir)
+    data, images = write_llava_dataset(str(root / "data"), n_image=12, n_text=4)
+    pretrain, _ = write_llava_dataset(str(root / "data"), n_image=12, n_text=0, multi_turn=False, name="pretrain.json")
+    return {"llm": llm_dir, "clip": clip_dir, "data": data, "pretrain": pretrain, "images": images, "root": root}
+
+
+def flags(assets, out, stage=2, **over):
+    """train.py argv for a tiny run on `assets` (stage 2: a random projector unless an adapter is given)."""
+    base = {
+        "model_name_or_path": assets["llm"],
+        "vision_tower": assets["clip"],
+        "data_path": assets["data"] if stage == 2 else assets["pretrain"],
+        "image_folder": assets["images"],
+        "output_dir": out,
+        "bf16": "False",
+        "per_device_train_batch_size": "2",
+        "gradient_accumulation_steps": "1",
+        "max_steps": "3",
+        "learning_rate": "1e-3",
+        "report_to": "none",
+        "dataloader_num_workers": "0",
+        "model_max_length": "64",
+    }
+    if stage == 2 and "pretrain_mm_mlp_adapter" not in over:
+        base.update(init_projector="random")
+    base.update({k: str(v) for k, v in over.items()})
+    argv = ["--stage", str(stage)]
+    for k, v in base.items():
+        argv += [f"--{k}", v]
+    return argv
+
+
+def losses(out):
+    """The logged losses of a run's metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def build_llava(llm_config, vision_config, **kw):
+    """build_llava_from_config with LlavaSettings fields as keywords too (mm_vision_select_layer=..., ...)."""
+    from dataclasses import fields
+
+    from minillava.model import LlavaSettings, build_llava_from_config
+
+    names = {f.name for f in fields(LlavaSettings)}
+    settings = LlavaSettings(**{k: v for k, v in kw.items() if k in names})
+    options = {k: v for k, v in kw.items() if k not in names}  # dtype, attn_implementation, padding_free, ...
+    return build_llava_from_config(llm_config, vision_config, settings, **options)
+
+
+def build_llava_from_pretrained(llm_dir: str, clip_dir: str, *, dtype=torch.float32, **kw):
+    """The reference build: transformers' own from_pretrained of two local folders, then LlavaModel around them."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from minillava.model import LlavaModel, LlavaSettings
+
+    for flag, path in (("--model_name_or_path", llm_dir), ("--vision_tower", clip_dir)):
+        if not os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r}: not a local folder (nothing is downloaded)")
+    llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
+    tower = CLIPVisionModel.from_pretrained(clip_dir, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
+    return LlavaModel(llm, tower, LlavaSettings(**kw))
+
+
+def mm_projector_state_dict(model):
+    """What outputs.save_projector writes for `model` (an unsharded one): formats.mm_projector_content."""
+    from minillava.formats import mm_projector_content
+
+    state = model.mm_projector.state_dict()
+    dtype = next(iter(state.values())).dtype
+    return mm_projector_content(((f"mm_projector.{k}", v.detach()) for k, v in state.items()), dtype)
+
+
+def make_tiny_llava(**kw):
+    """A tiny LlavaModel (tiny_llama_config + tiny_clip_config), seeded; keywords as build_llava's."""
+    torch.manual_seed(0)
+    return build_llava(tiny_llama_config(), tiny_clip_config(), **kw)

@@ -1,5 +1,6 @@
-"""House rules a script can check: parallelism stays out of model/data/pure modules, no forbidden dependencies, and
-the README's file tour states true line counts."""
+"""House rules a script can check: parallelism stays out of model/data/pure modules, no forbidden dependencies, imports
+point one way (no cycle; the tools, train.py and bench/ are leaves), and the README's file tour states true line
+counts."""
 
 import ast
 import os
@@ -53,3 +54,72 @@ def test_readme_file_tour_line_counts_are_true():
         assert int(count) == actual, f"README says {path} has {count} lines, it has {actual}"
     missing = {f"minillava/{m}" for m in MODULES} - listed - {"minillava/__init__.py"}
     assert not missing and "train.py" in listed, f"README file tour misses {missing or 'train.py'}"
+
+
+TOOLS = {"export", "generate", "check_data", "demo"}  # python -m minillava.<tool>: leaves, nothing imports them
+
+
+def _package_imports(path: str) -> set[str]:
+    """The minillava modules (file stems) a file imports, lazy and TYPE_CHECKING imports included; `train` and
+    `bench` stand for the trainer script and the benchmark package."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            subs = [f"{node.module}.{a.name}" for a in node.names] if node.module == "minillava" else []
+            modules = [node.module, *subs]
+        else:
+            continue
+        for m in modules:
+            top, _, rest = m.partition(".")
+            if top == "minillava" and rest:
+                names.add(rest.split(".")[0])
+            elif top in ("train", "bench"):
+                names.add(top)
+    return names
+
+
+def _graph() -> dict[str, set[str]]:
+    stems = {m.removesuffix(".py") for m in MODULES}
+    return {m.removesuffix(".py"): _package_imports(os.path.join(PACKAGE, m)) & stems for m in MODULES}
+
+
+def test_package_imports_have_no_cycle():
+    graph, done, path = _graph(), set(), []
+
+    def visit(node: str) -> None:
+        if node in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(node) :], node]))
+        if node in done:
+            return
+        path.append(node)
+        for dep in sorted(graph[node]):
+            visit(dep)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_package_modules_import_no_tool_train_or_bench(name):
+    stem = name.removesuffix(".py")
+    bad = _package_imports(os.path.join(PACKAGE, name)) & {"train", "bench", *(TOOLS - {stem})}
+    if stem in TOOLS:  # a tool may build on another tool (demo evaluates through generate), never on train/bench
+        bad -= TOOLS
+    assert not bad, f"minillava/{name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", ["train.py", "minillava/config.py"])
+def test_trainer_and_config_import_no_tool(path):
+    bad = _package_imports(os.path.join(REPO, path)) & (TOOLS | {"bench"})
+    assert not bad, f"{path} imports {sorted(bad)}"
+
+
+def test_model_is_pure_architecture():
+    """model.py imports no format, output or distributed code: formats builds on it, never the other way round."""
+    assert not _package_imports(os.path.join(PACKAGE, "model.py")) & {"formats", "outputs", "checkpoint", "distributed"}

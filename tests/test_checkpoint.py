@@ -12,16 +12,16 @@ import time
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import write_llava_dataset
+from conftest import build_llava_from_pretrained, flags, losses, write_llava_dataset
 from safetensors.torch import load_file
-from test_train import assets, flags, losses  # noqa: F401  (assets is a fixture)
 
 import train
 from minillava import distributed as D
 from minillava.checkpoint import CRASH_HOOK, MARKER, Checkpointer, complete_checkpoints, find_checkpoint
 from minillava.config import parse_args
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
-from minillava.model import build_llava_from_config, build_llava_from_pretrained, load_mm_projector, to_llava_key
+from minillava.formats import load_mm_projector, read_settings, to_llava_key
+from minillava.model import build_llava_from_config
 from minillava.optim import build_optimizer
 from minillava.sampler import DistributedModalityLengthSampler
 
@@ -31,7 +31,7 @@ STAGE1 = dict(max_steps=6, save_steps=2, save_total_limit=2, dataloader_num_work
 
 
 @pytest.fixture(scope="module")
-def data(assets):  # noqa: F811
+def data(assets):
     """test_train's assets plus a stage-2 dataset of image, multi-turn and text-only samples. (assets["data"] is not
     one: conftest.write_llava_dataset names its JSON after the last image, so the pretrain call overwrites it.)"""
     mixed, _ = write_llava_dataset(str(assets["root"] / "mixed"), n_image=12, n_text=4)
@@ -203,9 +203,11 @@ def _batch(data, cfg):
 
 
 def _logits(model, batch):
+    """Logits at the real positions. Padded query rows carry no loss, and HF's SDPA mask (the reference model) and
+    minillava's (the reloaded one, attention.padded_sdpa_forward) fill them differently."""
     with torch.no_grad():
         embeds, _, mask, pos = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        return model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits
+        return model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[mask]
 
 
 @pytest.mark.dist
@@ -219,11 +221,10 @@ def test_stage2_folder_reloads_with_the_trained_logits(data, stage2_ref):
     assert conf["model_type"] == "llava_llama" and conf["dtype"] == "float32" and conf["mm_hidden_size"] == 32
     from transformers import CLIPVisionConfig, LlamaConfig
 
+    settings = read_settings(stage2_ref)  # LLaVA's mm_* fields of config.json
     reloaded = build_llava_from_config(
-        LlamaConfig.from_pretrained(stage2_ref), CLIPVisionConfig.from_pretrained(conf["mm_vision_tower"]),
-        mm_projector_type=conf["mm_projector_type"], mm_vision_select_layer=conf["mm_vision_select_layer"],
-        mm_vision_select_feature=conf["mm_vision_select_feature"], model_max_length=conf["tokenizer_model_max_length"],
-    )  # fmt: skip
+        LlamaConfig.from_pretrained(stage2_ref), CLIPVisionConfig.from_pretrained(conf["mm_vision_tower"]), settings
+    )
     state = final_weights(stage2_ref)
     assert all(k.startswith(("model.", "lm_head.")) for k in state)
     assert {to_llava_key(k) for k in reloaded.state_dict()} == set(state)  # LLaVA names, nothing missing or extra

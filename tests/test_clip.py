@@ -10,12 +10,13 @@ import os
 
 import pytest
 import torch
+from conftest import flags
 from dist import run_distributed
-from test_train import assets, flags  # noqa: F401  (assets is a fixture)
 
 import train
 from minillava import distributed as D
 from minillava.config import parse_args
+from minillava.formats import run_settings
 from minillava.model import build_llava_from_config, set_trainable
 from minillava.optim import build_optimizer
 from minillava.outputs import full_tensors
@@ -23,7 +24,7 @@ from minillava.outputs import full_tensors
 MAX_NORM = 1e-6
 
 
-def _argv(assets, out, stage):  # noqa: F811
+def _argv(assets, out, stage):
     return flags(assets, out, stage=stage, max_grad_norm=MAX_NORM, warmup_ratio=0, learning_rate="1e-3", max_steps=2)
 
 
@@ -57,14 +58,9 @@ def _reference(argv: list[str], before: dict, micro_by_rank: list[list[dict]], m
 
     cfg = parse_args(argv)
     m = cfg.model
-    model = build_llava_from_config(
-        AutoConfig.from_pretrained(m.model_name_or_path),
-        CLIPVisionConfig.from_pretrained(m.vision_tower),
-        mm_projector_type=m.mm_projector_type,
-        mm_vision_select_layer=m.mm_vision_select_layer,
-        mm_vision_select_feature=m.mm_vision_select_feature,
-        model_max_length=cfg.train.model_max_length,
-    )
+    llm_config = AutoConfig.from_pretrained(m.model_name_or_path)
+    vision_config = CLIPVisionConfig.from_pretrained(m.vision_tower)
+    model = build_llava_from_config(llm_config, vision_config, run_settings(cfg))
     model.load_state_dict(before)
     set_trainable(model, tune_mm_mlp_adapter=m.tune_mm_mlp_adapter)
     optimizer, _ = build_optimizer(model, cfg.train, 2)
@@ -94,7 +90,7 @@ def _check(argv, before, after, micro_by_rank, grad_norm):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_clip_one_rank_equals_torch_clip_grad_norm_unsharded(assets, tmp_path, stage):  # noqa: F811
+def test_clip_one_rank_equals_torch_clip_grad_norm_unsharded(assets, tmp_path, stage):
     argv = _argv(assets, str(tmp_path / "o"), stage)
     argv = [*argv, "--gradient_accumulation_steps", "2"]
     r = _one_step(argv)
@@ -107,7 +103,7 @@ def _dist_steps(rank, world, argvs, out_dir):
 
 
 @pytest.mark.dist
-def test_clip_two_ranks_equals_torch_clip_grad_norm_unsharded(assets, tmp_path):  # noqa: F811
+def test_clip_two_ranks_equals_torch_clip_grad_norm_unsharded(assets, tmp_path):
     """Both stages in one 2-rank launch; each rank's grads are DTensor shards, the norm is the global one."""
     argvs = [_argv(assets, str(tmp_path / f"o{stage}"), stage) for stage in (1, 2)]
     run_distributed(_dist_steps, tmp_path, argvs, str(tmp_path))
@@ -119,7 +115,7 @@ def test_clip_two_ranks_equals_torch_clip_grad_norm_unsharded(assets, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_clip_on_cuda_equals_torch_clip_grad_norm_unsharded(assets, tmp_path):  # noqa: F811
+def test_clip_on_cuda_equals_torch_clip_grad_norm_unsharded(assets, tmp_path):
     """fp32 on the GPU (TF32 off: conftest) against the unsharded copy on the CPU."""
     argv = [*_argv(assets, str(tmp_path / "o"), 2), "--gradient_accumulation_steps", "2"]
     r = _one_step(argv)

@@ -23,6 +23,7 @@ from minillava.config import (
     save_config,
     str2bool,
 )
+from minillava.formats import check_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ["--model_name_or_path", "m", "--vision_tower", "clip", "--data_path", "d.json", "--image_folder", "img",
@@ -244,8 +245,9 @@ def test_ignored_flag_tables_are_disjoint_from_fields() -> None:
 
 
 def test_stage2_requires_adapter_unless_random_projector() -> None:
+    cfg = parse(*PATHS, "--stage", "2")  # parse_args reads no file: the rule is checked at start-up
     with pytest.raises(ValueError, match=r"--pretrain_mm_mlp_adapter.*--init_projector random"):
-        parse(*PATHS, "--stage", "2")
+        check_paths(cfg)
     assert parse(*PATHS, "--stage", "2", "--init_projector", "random").model.init_projector == "random"
     assert parse(*PATHS, "--stage", "2", "--pretrain_mm_mlp_adapter", "p.bin").model.pretrain_mm_mlp_adapter
     with pytest.raises(ValueError, match="--init_projector random contradicts"):
@@ -305,7 +307,8 @@ def test_to_dict_format_and_atomic_save(tmp_path: Path) -> None:
     path = save_config(cfg, str(out))
     assert path == str(out / CONFIG_NAME) and os.listdir(out) == [CONFIG_NAME]  # no .tmp left behind
     loaded = json.loads(Path(path).read_text())
-    assert loaded == cfg.to_dict() and Config.from_dict(loaded) == cfg
+    assert loaded == cfg.to_dict()
+    assert Config(ModelArgs(**loaded["model"]), DataArgs(**loaded["data"]), TrainArgs(**loaded["train"])) == cfg
     save_config(parse(*STAGE1), str(out))  # overwrite in place
     assert json.loads(Path(path).read_text())["model"]["version"] == "plain"
 

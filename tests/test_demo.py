@@ -9,13 +9,13 @@ import shlex
 
 import pytest
 import torch
+from conftest import build_llava_from_pretrained
 
 from minillava import demo
 from minillava.config import parse_args
 from minillava.constants import IGNORE_INDEX
 from minillava.conversation import build_inference_prompt, preprocess, tokenizer_image_token
 from minillava.data import LazySupervisedDataset, load_image_processor, load_tokenizer, open_image, process_image
-from minillava.model import build_llava_from_pretrained
 
 N_TRAIN, N_EVAL = 24, 12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,7 +253,7 @@ def test_stage2_output_loads_back_for_evaluation(assets, tmp_path, capsys):
     from safetensors.torch import load_file
 
     import train
-    from minillava.model import to_llava_key
+    from minillava.formats import to_llava_key
 
     root = os.path.dirname(assets["llm"])
     s1, s2 = demo.training_commands(root)

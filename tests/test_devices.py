@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from conftest import flags
 from dist import run_distributed
-from test_train import assets, flags  # noqa: F401  (assets is a fixture)
 from torch.overrides import TorchFunctionMode
 
 import train
@@ -116,14 +116,14 @@ def audited_main(argv: list[str]) -> list[str]:
     return problems + audit.problems
 
 
-def _argv(assets, out):  # noqa: F811
+def _argv(assets, out):
     return flags(
         assets, out, stage=2, gradient_accumulation_steps=2, loss_reduction="global_token", max_grad_norm=0.5,
         padding_free=True, save_steps=1, max_steps=2,
     )  # fmt: skip
 
 
-def test_one_rank_collectives_and_tensors_on_the_compute_device(assets, tmp_path):  # noqa: F811
+def test_one_rank_collectives_and_tensors_on_the_compute_device(assets, tmp_path):
     out = str(tmp_path / "o")
     assert audited_main(_argv(assets, out)) == []
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -136,7 +136,7 @@ def _dist_audit(rank, world, argv, out_dir):
 
 
 @pytest.mark.dist
-def test_two_ranks_collectives_and_tensors_on_the_compute_device(assets, tmp_path):  # noqa: F811
+def test_two_ranks_collectives_and_tensors_on_the_compute_device(assets, tmp_path):
     run_distributed(_dist_audit, tmp_path, _argv(assets, str(tmp_path / "o")), str(tmp_path))
     for rank in (0, 1):
         with open(tmp_path / f"problems_{rank}.json") as f:
@@ -145,7 +145,7 @@ def test_two_ranks_collectives_and_tensors_on_the_compute_device(assets, tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_run_collectives_and_tensors_on_the_gpu(assets, tmp_path):  # noqa: F811
+def test_cuda_bf16_run_collectives_and_tensors_on_the_gpu(assets, tmp_path):
     """The same audits on a real NCCL run, in bf16 (fp32 masters and reductions) with the varlen kernel."""
     argv = [*_argv(assets, str(tmp_path / "o")), "--bf16", "True"]
     assert audited_main(argv) == []

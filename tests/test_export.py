@@ -8,18 +8,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import draw_shape
+from conftest import draw_shape, flags
 from safetensors.torch import load_file, save_file
-from test_train import assets, flags  # noqa: F401 (assets is a fixture)
 from transformers import AutoProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
 import train
-from minillava import export
+from minillava import export, formats
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import build_inference_prompt, tokenizer_image_token
 from minillava.data import load_image_processor, load_tokenizer, process_image
 from minillava.generate import load_model
-from minillava.weights import pretrained_state_dict, to_llava_key
 
 QUESTION = "What is the colour of the shape?"
 VARIANTS = {  # LLaVA-1.5 (patch, layer -2, pad) and the other branches (cls_patch -> "full", last layer, square)
@@ -31,7 +29,7 @@ VARIANTS = {  # LLaVA-1.5 (patch, layer -2, pad) and the other branches (cls_pat
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def ckpt(request, assets, tmp_path_factory):  # noqa: F811
+def ckpt(request, assets, tmp_path_factory):
     """(stage-2 LLaVA-format folder written by train.main, its llava-hf export)."""
     root = tmp_path_factory.mktemp(request.param)
     stage2, hf = str(root / "stage2"), str(root / "hf")
@@ -77,7 +75,7 @@ def test_logits_match_transformers(ckpt):
 
 def test_config_tokens_and_new_rows(ckpt, tmp_path):
     stage2, hf = ckpt
-    settings = export.read_settings(stage2)
+    settings = formats.read_settings(stage2)
     conf = LlavaForConditionalGeneration.from_pretrained(hf).config
     assert (conf.image_token_index, conf.pad_token_id, conf.text_config.vocab_size) == (512, 513, 576)
     assert conf.vision_feature_layer == settings.mm_vision_select_layer and conf.projector_hidden_act == "gelu"
@@ -116,12 +114,12 @@ def test_chat_template_renders_v1(ckpt):
     assert two == f"Be brief. USER: <image> \n{QUESTION} ASSISTANT: Red.</s>USER: And the shape? ASSISTANT:"
 
 
-def test_import_llava_folder_is_the_trainers_files(ckpt, assets):  # noqa: F811
+def test_import_llava_folder_is_the_trainers_files(ckpt, assets):
     """Independent of the export: our names mapped back with the trainer's own to_llava_key give the saved files."""
-    llm_config, vision_config, state = export.load_llava_checkpoint_state(ckpt[0])
+    llm_config, vision_config, state = formats.load_llava_checkpoint_state(ckpt[0])
     files = read_folder(ckpt[0])
-    assert sorted(map(to_llava_key, state)) == sorted(files)
-    assert all(torch.equal(files[to_llava_key(k)], v) for k, v in state.items())
+    assert sorted(map(formats.to_llava_key, state)) == sorted(files)
+    assert all(torch.equal(files[formats.to_llava_key(k)], v) for k, v in state.items())
     base = LlamaConfig.from_pretrained(assets["llm"])
     ignore = {"dtype": None, "architectures": None}  # LLaVA's config says LlavaLlamaForCausalLM
     assert llm_config.to_dict() | ignore == base.to_dict() | ignore
@@ -143,7 +141,7 @@ HUB_LAYOUTS = {  # key renames from what transformers 5 save_pretrained writes (
 @pytest.mark.parametrize("layout", list(HUB_LAYOUTS))
 def test_round_trip_minillava_export_import(ckpt, tmp_path, layout):
     stage2, hf = ckpt
-    want_llm, want_vision, want = export.load_llava_checkpoint_state(stage2)
+    want_llm, want_vision, want = formats.load_llava_checkpoint_state(stage2)
     if HUB_LAYOUTS[layout]:
         hf_copy = str(tmp_path / "hf")
         shutil.copytree(hf, hf_copy)
@@ -152,23 +150,23 @@ def test_round_trip_minillava_export_import(ckpt, tmp_path, layout):
             state = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in state.items()}
         save_file(state, os.path.join(hf_copy, "model.safetensors"))
         hf = hf_copy
-    llm_config, vision_config, got = export.load_llava_checkpoint_state(hf)
+    llm_config, vision_config, got = formats.load_llava_checkpoint_state(hf)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert llm_config.vocab_size == 512 and llm_config.pad_token_id == want_llm.pad_token_id == 0
     assert vision_config.to_dict() == want_vision.to_dict()
-    s, t = export.read_settings(hf), export.read_settings(stage2)
+    s, t = formats.read_settings(hf), formats.read_settings(stage2)
     fields = ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "image_aspect_ratio")
     assert [getattr(s, f) for f in fields] == [getattr(t, f) for f in fields]
 
 
-def test_export_from_base_llm_and_stage1_adapter(assets, tmp_path):  # noqa: F811
+def test_export_from_base_llm_and_stage1_adapter(assets, tmp_path):
     s1, hf = str(tmp_path / "s1"), str(tmp_path / "hf")
     train.main(flags(assets, s1, stage=1, max_steps=1))
     adapter = os.path.join(s1, "mm_projector.bin")
     argv = ["--model_name_or_path", assets["llm"], "--pretrain_mm_mlp_adapter", adapter, "--output", hf]
     export.main([*argv, "--vision_tower", assets["clip"]])
-    _, _, state = export.load_llava_checkpoint_state(hf)
-    base = pretrained_state_dict(assets["llm"], assets["clip"])
+    _, _, state = formats.load_llava_checkpoint_state(hf)
+    base = formats.pretrained_state_dict(assets["llm"], assets["clip"])
     projector = torch.load(adapter, weights_only=True)
     assert state.keys() == base.keys() | {k.removeprefix("model.") for k in projector}
     assert all(torch.equal(state[k], v) for k, v in base.items())
@@ -183,14 +181,14 @@ def test_import_fills_a_missing_tower_copy_from_the_clip_folder(ckpt, tmp_path):
     name = next(f for f in os.listdir(stage2) if f.endswith(".safetensors"))
     state = {k: v for k, v in load_file(os.path.join(stage2, name)).items() if "vision_tower" not in k}
     save_file(state, os.path.join(stage2, name))
-    _, _, got = export.load_llava_checkpoint_state(stage2)
-    _, _, want = export.load_llava_checkpoint_state(ckpt[0])
+    _, _, got = formats.load_llava_checkpoint_state(stage2)
+    _, _, want = formats.load_llava_checkpoint_state(ckpt[0])
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_errors(ckpt, assets, tmp_path):  # noqa: F811
+def test_errors(ckpt, assets, tmp_path):
     with pytest.raises(ValueError, match="not a llava-hf or LLaVA-format"):
-        export.load_llava_checkpoint_state(assets["llm"])
+        formats.load_llava_checkpoint_state(assets["llm"])
     with pytest.raises(ValueError, match="LLaVA-format stage-2 folder"):
         export.export_llava_hf(str(tmp_path / "x"), checkpoint=ckpt[1])
     with pytest.raises(ValueError, match="--checkpoint, or all of"):
@@ -202,7 +200,7 @@ def test_errors(ckpt, assets, tmp_path):  # noqa: F811
     with open(os.path.join(bad, "config.json"), "w") as f:
         json.dump({**conf, "mm_vision_tower": str(tmp_path / "missing"), "mm_projector_type": "linear"}, f)
     with pytest.raises(ValueError, match="pass --vision_tower"):
-        export.load_llava_checkpoint_state(bad)
+        formats.load_llava_checkpoint_state(bad)
     with pytest.raises(ValueError, match="has mlp2x_gelu"):
         export.export_llava_hf(str(tmp_path / "x"), checkpoint=bad, vision_tower=assets["clip"])
 
@@ -220,12 +218,9 @@ def test_sample_new_rows_distribution():
     assert few.isfinite().all() and torch.allclose(few.mean(0), w[:3].double().mean(0), atol=0.05)
 
 
-@pytest.mark.skipif(
-    not hasattr(train, "load_llava_checkpoint_state"), reason="train.build_model does not import checkpoints yet"
-)
-def test_finetune_from_llava_and_llava_hf_folders(ckpt, assets, tmp_path):  # noqa: F811
+def test_finetune_from_llava_and_llava_hf_folders(ckpt, assets, tmp_path):
     """Stage 2 started from the LLaVA folder and from its llava-hf export: same weights, so the same losses."""
-    s, runs = export.read_settings(ckpt[0]), []
+    s, runs = formats.read_settings(ckpt[0]), []
     model_flags = dict(
         mm_vision_select_layer=s.mm_vision_select_layer, mm_vision_select_feature=s.mm_vision_select_feature
     )

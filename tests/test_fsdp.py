@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import write_llava_dataset
-from test_train import assets, flags, losses  # noqa: F401  (assets is a fixture)
+from conftest import flags, write_llava_dataset
 
 import train
 from minillava import distributed as D
 from minillava.config import parse_args
-from minillava.model import pretrained_state_dict
+from minillava.formats import pretrained_state_dict
 from minillava.outputs import full_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +26,7 @@ def _build(argv):
     return cfg, info, model
 
 
-def test_stage1_leaves_llm_and_tower_bit_identical(assets, tmp_path):  # noqa: F811
+def test_stage1_leaves_llm_and_tower_bit_identical(assets, tmp_path):
     cfg, info, model = _build(flags(assets, str(tmp_path / "o"), stage=1, bf16="False", learning_rate="1e-2"))
     try:
         loader, sampler = train.build_loader(cfg, *_processors(cfg), info, model.num_image_tokens)
@@ -55,7 +54,7 @@ def _processors(cfg):
     )
 
 
-def test_bf16_keeps_fp32_masters_and_trains(assets, tmp_path):  # noqa: F811
+def test_bf16_keeps_fp32_masters_and_trains(assets, tmp_path):
     cfg, info, model = _build(flags(assets, str(tmp_path / "o"), stage=2, bf16="True"))
     try:
         trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
@@ -73,7 +72,7 @@ def test_bf16_keeps_fp32_masters_and_trains(assets, tmp_path):  # noqa: F811
 
 
 @pytest.mark.dist
-def test_text_only_rank_does_not_hang(assets, tmp_path):  # noqa: F811
+def test_text_only_rank_does_not_hang(assets, tmp_path):
     """One image sample and one text-only sample, one per rank: the text-only rank still runs the tower and the
     projector on its zero image, so both ranks issue the same all-gathers and reduce-scatters. Launched with
     torchrun in a subprocess so a hang fails the test by timeout instead of blocking the suite."""

@@ -5,8 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import draw_shape, tiny_clip_config, tiny_llama_config
-from test_train import assets, flags  # noqa: F401 (assets is a fixture)
+from conftest import draw_shape, flags, tiny_clip_config, tiny_llama_config
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import train
@@ -14,14 +13,12 @@ from minillava import export, generate
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import build_inference_prompt, tokenizer_image_token
 from minillava.data import load_tokenizer, open_image, process_image
-from minillava.model import build_llava_from_config
+from minillava.model import LlavaSettings, build_llava_from_config
 
 
 @pytest.fixture
 def tiny_model(seed):
-    model = build_llava_from_config(
-        tiny_llama_config(), tiny_clip_config(), mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2
-    )
+    model = build_llava_from_config(tiny_llama_config(), tiny_clip_config(), LlavaSettings())
     for p in model.parameters():  # a sharper random model: greedy paths then depend on every position
         p.data.normal_(0, 0.5)
     return model.eval()
@@ -53,7 +50,7 @@ def test_stops_at_eos(tiny_model):
     assert stopped == first[: first.index(eos) + 1]
 
 
-def test_cli_end_to_end(assets, tmp_path, capsys):  # noqa: F811
+def test_cli_end_to_end(assets, tmp_path, capsys):
     """train.main (1 step) -> generate CLI on the LLaVA folder and on its llava-hf export (same answer), and
     transformers' generate() on the export (chat template + processor) picks the same greedy tokens."""
     stage2, hf = str(tmp_path / "stage2"), str(tmp_path / "hf")

@@ -4,7 +4,7 @@ and the FLOP model."""
 
 import pytest
 import torch
-from test_model import make_model
+from conftest import make_tiny_llava as make_model
 
 from minillava.constants import IGNORE_INDEX as IGN
 from minillava.constants import IMAGE_TOKEN_INDEX as IMG

@@ -4,7 +4,8 @@ I/O. Tiny random Llama/CLIP from tests/conftest.py; CPU only."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_clip_config, tiny_llama_config
+from conftest import build_llava as build_llava_from_config
+from conftest import build_llava_from_pretrained, mm_projector_state_dict, tiny_clip_config, tiny_llama_config
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -19,21 +20,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from minillava.attention import PADDED_SDPA
 from minillava.constants import IGNORE_INDEX as IGN
 from minillava.constants import IMAGE_TOKEN_INDEX as IMG
+from minillava.formats import load_mm_projector, pretrained_state_dict, read_mm_projector, to_llava_key
 from minillava.layout import lay_out
-from minillava.model import (
-    LlavaModel,
-    build_llava_from_config,
-    build_llava_from_pretrained,
-    build_projector,
-    load_mm_projector,
-    mm_projector_state_dict,
-    parameter_report,
-    pretrained_state_dict,
-    read_mm_projector,
-    set_trainable,
-    splice,
-    to_llava_key,
-)
+from minillava.model import LlavaModel, build_projector, parameter_report, set_trainable, splice
 
 P = 4  # tiny CLIP: 28px / patch 14 -> 2x2 patches (+ CLS)
 LLAVA_PROJECTOR_KEYS = [f"model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]

@@ -8,8 +8,8 @@ rtol 1e-6 on loss_sum, atol 1e-5 (rtol 1e-5) on every gradient and on the traine
 
 import pytest
 import torch
-from conftest import tiny_clip_config, tiny_llama_config
-from test_train import assets, flags, losses  # noqa: F401 (assets is a fixture)
+from conftest import build_llava as build_llava_from_config
+from conftest import flags, losses, tiny_clip_config, tiny_llama_config
 
 from minillava import attention
 from minillava.attention import VARLEN_ATTENTION, varlen_causal_attention
@@ -17,7 +17,7 @@ from minillava.config import parse_args
 from minillava.constants import IGNORE_INDEX as IGN
 from minillava.constants import IMAGE_TOKEN_INDEX as IMG
 from minillava.layout import lay_out
-from minillava.model import build_llava_from_config, set_trainable
+from minillava.model import set_trainable
 
 P = 4  # tiny CLIP: 2x2 patches
 
@@ -252,7 +252,7 @@ def test_packed_matches_padded_with_gqa_and_activation_checkpointing():
 # ---------------------------------------------------------------- trainer
 
 
-def test_train_main_padding_free_gives_the_same_losses(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_train_main_padding_free_gives_the_same_losses(assets, tmp_path, monkeypatch):
     """1-rank FSDP2 train.main, stage 2 (image + text-only samples, AC on): --padding_free True logs the losses of the
     padded run (3 steps, rtol/atol 1e-5), and the flag really reaches the model (the varlen attention runs)."""
     import train

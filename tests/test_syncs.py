@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_train import assets, flags  # noqa: F401  (assets is a fixture)
+from conftest import flags
 from torch.overrides import TorchFunctionMode
 
 import train
@@ -79,7 +79,7 @@ def _count(argv: list[str], steps: int = 2) -> list[int]:
 
 @pytest.mark.parametrize("padding_free", [False, True])
 @pytest.mark.parametrize(("ga", "reduction", "clip"), [(1, "llava", 0), (3, "global_token", 1.0)])
-def test_train_step_reads_the_device_twice(assets, tmp_path, padding_free, ga, reduction, clip):  # noqa: F811
+def test_train_step_reads_the_device_twice(assets, tmp_path, padding_free, ga, reduction, clip):
     argv = flags(
         assets, str(tmp_path / "o"), stage=2, padding_free=padding_free, gradient_accumulation_steps=ga,
         loss_reduction=reduction, max_grad_norm=clip, gradient_checkpointing=True,

@@ -5,64 +5,10 @@ import os
 
 import pytest
 import torch
-from conftest import (
-    build_image_processor,
-    build_tokenizer_dir,
-    tiny_clip_config,
-    tiny_llama_config,
-    write_llava_dataset,
-)
+from conftest import flags, losses
 from dist import run_distributed
 
 import train
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Local HF folders as a user has them: a Vicuna-like LLM folder (weights + tokenizer), a CLIP folder (weights +
-    preprocessor config), and a LLaVA-format dataset with image and text-only samples."""
-    from transformers import CLIPVisionModel, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("assets")
-    llm_dir, clip_dir = str(root / "llm"), str(root / "clip")
-    build_tokenizer_dir(llm_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(llm_dir)
-    CLIPVisionModel(tiny_clip_config()).save_pretrained(clip_dir)
-    build_image_processor().save_pretrained(clip_dir)
-    data, images = write_llava_dataset(str(root / "data"), n_image=12, n_text=4)
-    pretrain, _ = write_llava_dataset(str(root / "data"), n_image=12, n_text=0, multi_turn=False, name="pretrain.json")
-    return {"llm": llm_dir, "clip": clip_dir, "data": data, "pretrain": pretrain, "images": images, "root": root}
-
-
-def flags(assets, out, stage=2, **over):
-    base = {
-        "model_name_or_path": assets["llm"],
-        "vision_tower": assets["clip"],
-        "data_path": assets["data"] if stage == 2 else assets["pretrain"],
-        "image_folder": assets["images"],
-        "output_dir": out,
-        "bf16": "False",
-        "per_device_train_batch_size": "2",
-        "gradient_accumulation_steps": "1",
-        "max_steps": "3",
-        "learning_rate": "1e-3",
-        "report_to": "none",
-        "dataloader_num_workers": "0",
-        "model_max_length": "64",
-    }
-    if stage == 2 and "pretrain_mm_mlp_adapter" not in over:
-        base.update(init_projector="random")
-    base.update({k: str(v) for k, v in over.items()})
-    argv = ["--stage", str(stage)]
-    for k, v in base.items():
-        argv += [f"--{k}", v]
-    return argv
-
-
-def losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 def test_stage1_then_stage2_single_process(assets, tmp_path):

@@ -1,0 +1,414 @@
+"""Every on-disk format minillava reads or writes, and the starting state of a run built from them.
+
+- LLaVA's key names (to_llava_key / from_llava_key): the module tree of llava/model/llava_arch.py.
+- mm_projector.bin: read and checked against the projector; its content when written (llava/train/train.py
+  safe_save_model_for_hf_trainer, tune_mm_mlp_adapter branch).
+- a LLaVA stage-2 folder: config.json (LlavaLlamaForCausalLM, model_type llava_llama, LLaVA's mm_* fields) plus
+  sharded safetensors and their index, as llava/model/builder.py load_pretrained_model reads it.
+- a llava-hf folder: transformers' LlavaForConditionalGeneration (convert_llava_weights_to_hf.py).
+- pretrained LLM / CLIP folders (safetensors, sharded or not, or pytorch_model*.bin).
+- the run's start: model configs, LlavaSettings and rank 0's full initial weights from the flags.
+
+No torch.distributed: tensors come back as stored; callers cast, shard and gather (outputs.py writes).
+"""
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import fields
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llava import LlavaImageProcessorPil
+
+from minillava.model import LlavaSettings, build_projector
+
+# Buffers that are non-persistent today; old checkpoints carry them (Vicuna's rotary inv_freq, CLIP's position_ids).
+_NON_PERSISTENT = (".inv_freq", ".position_ids")
+_STRATEGY = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> vision_feature_select_strategy
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+EMBEDDINGS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")  # the rows a llava-hf export appends to
+
+
+# ---------------------------------------------------------------------------------------------- key names
+
+# Our parameter name prefix -> LLaVA's (LlavaLlamaForCausalLM: model.*, lm_head.*, model.mm_projector.*, and CLIP
+# under model.vision_tower.vision_tower.vision_model.*: transformers 5 dropped CLIPVisionModel's `vision_model.`
+# level, LLaVA's transformers 4 has it).
+_LLAVA = (("llm.model.", "model."), ("llm.lm_head.", "lm_head."), ("mm_projector.", "model.mm_projector."),
+          ("vision_tower.", "model.vision_tower.vision_tower.vision_model."))  # fmt: skip
+_LLAVA_TOWER = "model.vision_tower.vision_tower."  # then a CLIP state dict (clip_vision_state)
+# Our names <-> LlavaForConditionalGeneration's in-memory names. Its from_pretrained maps every on-disk layout to
+# these (transformers <= 4.51 and 5.x save_pretrained, >= 4.52's, hub folders with CLIP's vision_model. level) and
+# its save_pretrained picks the on-disk one, so no llava-hf file key is spelled here.
+_HF = (("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head."), ("vision_tower.", "model.vision_tower."),
+       ("mm_projector.0.", "model.multi_modal_projector.linear_1."),
+       ("mm_projector.2.", "model.multi_modal_projector.linear_2."))  # fmt: skip
+
+
+def to_llava_key(name: str) -> str:
+    """Our parameter name -> LLaVA checkpoint key."""
+    for ours, theirs in _LLAVA:
+        if name.startswith(ours):
+            return theirs + name[len(ours) :]
+    raise ValueError(f"to_llava_key: {name!r} is not a LlavaModel parameter name")
+
+
+def to_hf_key(name: str) -> str:
+    """Our parameter name -> LlavaForConditionalGeneration's (in memory)."""
+    ours, theirs = next((o, t) for o, t in _HF if name.startswith(o))
+    return theirs + name[len(ours) :]
+
+
+def from_hf_key(key: str, path: str) -> str:
+    """LlavaForConditionalGeneration's in-memory name -> ours."""
+    for ours, theirs in _HF:
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    raise _unexpected(path, key)
+
+
+def _unexpected(path: str, key: str) -> ValueError:
+    return ValueError(f"{path!r}: unexpected weight {key!r} (only LLaVA-1.5 / llava-hf keys are mapped)")
+
+
+def from_llava_key(key: str, path: str) -> str:
+    """A LLaVA checkpoint key outside the CLIP copy -> our name (the longest matching prefix wins)."""
+    for ours, theirs in sorted(_LLAVA[:3], key=lambda p: -len(p[1])):
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    raise _unexpected(path, key)
+
+
+def clip_vision_state(clip: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CLIP vision weights keyed vision_tower.*: openai/clip-* folders (full CLIPModels) and transformers 4 towers
+    have a `vision_model.` level (the text half, if any, is dropped); a transformers 5 CLIPVisionModel has none."""
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip) else ""
+    keep = [k for k in clip if k.startswith(prefix) and not k.endswith(_NON_PERSISTENT)]
+    return {f"vision_tower.{k.removeprefix(prefix)}": clip[k] for k in keep}
+
+
+# ---------------------------------------------------------------------------------------------- weight files
+
+
+def read_weights(folder: str, flag: str) -> dict[str, Tensor]:
+    """All tensors of an HF folder: model.safetensors, a sharded index, or pytorch_model*.bin (weights_only)."""
+    for name in (INDEX_NAME, "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            break
+    else:
+        raise ValueError(f"{flag} {folder!r}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
+    files = [path]
+    if name.endswith(".index.json"):
+        with open(path) as f:
+            files = [os.path.join(folder, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    out: dict[str, Tensor] = {}
+    for file in files:
+        out.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, "cpu", weights_only=True))
+    return out
+
+
+def pretrained_state_dict(model_name_or_path: str, vision_tower: str) -> dict[str, Tensor]:
+    """Pretrained LLM + CLIP tensors keyed by our names (llm.*, vision_tower.*), as stored; no projector."""
+    llm = read_weights(model_name_or_path, "--model_name_or_path")
+    out = {f"llm.{k}": v for k, v in llm.items() if not k.endswith(_NON_PERSISTENT)}
+    return out | clip_vision_state(read_weights(vision_tower, "--vision_tower"))
+
+
+# ---------------------------------------------------------------------------------------------- mm_projector.bin
+
+
+def read_mm_projector(model: nn.Module, path: str) -> dict[str, Tensor]:
+    """LLaVA's mm_projector.bin as {mm_projector.*: tensor in the param dtype}, checked against model.mm_projector
+    (shapes and dtypes only: a meta-device model will do)."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"--pretrain_mm_mlp_adapter {path}: file not found") from None
+    # llava/model/llava_arch.py initialize_vision_modules: keys after the last "mm_projector."
+    weights = {k.split("mm_projector.")[-1]: v for k, v in weights.items() if "mm_projector." in k}
+    expected = model.mm_projector.state_dict()
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"--pretrain_mm_mlp_adapter {path}: missing keys {missing}, unexpected keys {unexpected} "
+            "(is --mm_projector_type the one the adapter was trained with?)"
+        )
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(
+                f"--pretrain_mm_mlp_adapter {path}: mm_projector.{k} has shape {tuple(v.shape)}, "
+                f"the model expects {tuple(expected[k].shape)}"
+            )
+    return {f"mm_projector.{k}": v.to(expected[k].dtype) for k, v in weights.items()}
+
+
+def load_mm_projector(model: nn.Module, path: str) -> None:
+    """Load --pretrain_mm_mlp_adapter into an unsharded model, strict; ValueError naming the file."""
+    weights = read_mm_projector(model, path)
+    model.mm_projector.load_state_dict({k.removeprefix("mm_projector."): v for k, v in weights.items()}, strict=True)
+
+
+def projector_state(projector_type: str, vision_config, llm_config, adapter: str | None = None) -> dict[str, Tensor]:
+    """mm_projector.* weights of a new projector: PyTorch's default init from the global RNG (as LLaVA), or those
+    of the `adapter` mm_projector.bin."""
+    holder = nn.Module()  # read_mm_projector / load_mm_projector take any module with an .mm_projector
+    holder.mm_projector = build_projector(projector_type, vision_config.hidden_size, llm_config.hidden_size)
+    if adapter:
+        load_mm_projector(holder, adapter)
+    return holder.state_dict()
+
+
+def mm_projector_content(named: Iterable[tuple[str, Tensor]], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The mm_projector.bin dict from (our name, tensor) pairs: keys model.mm_projector.*, tensors in `dtype`."""
+    return {to_llava_key(n): t.to(dtype) for n, t in named}
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA folders
+
+
+def _config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def checkpoint_kind(path: str) -> str | None:
+    """ "llava-hf" (LlavaForConditionalGeneration), "llava" (LLaVA / minillava stage 2) or None (anything else)."""
+    conf = _config(path) if os.path.isfile(os.path.join(path, "config.json")) else {}
+    if conf.get("model_type") == "llava" and "text_config" in conf:
+        return "llava-hf"
+    return "llava" if conf.get("model_type") in ("llava", "llava_llama") and "mm_hidden_size" in conf else None
+
+
+def _check_kind(path: str) -> str:
+    if (kind := checkpoint_kind(path)) is None:
+        raise ValueError(f"{path!r}: not a llava-hf or LLaVA-format stage-2 folder (config.json model_type)")
+    return kind
+
+
+def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
+    """A LLaVA folder's config.json: the LLM's config plus LLaVA's mm_* fields (llava/train/train.py,
+    llava/model/llava_arch.py), model_type llava_llama. The inverse of read_settings."""
+    conf = model.llm.config.to_dict()
+    m, t, s = cfg.model, cfg.train, run_settings(cfg)
+    dtype_name = str(dtype).removeprefix("torch.")
+    conf.update(
+        model_type="llava_llama",
+        architectures=["LlavaLlamaForCausalLM"],
+        dtype=dtype_name,  # of the saved weights (the in-memory LLM config says float32)
+        torch_dtype=dtype_name,  # the key transformers 4.x (LLaVA's loader) reads
+        mm_vision_tower=s.vision_tower,
+        use_mm_proj=True,
+        mm_projector_type=s.mm_projector_type,
+        mm_hidden_size=model.vision_tower.config.hidden_size,
+        mm_vision_select_layer=s.mm_vision_select_layer,
+        mm_vision_select_feature=s.mm_vision_select_feature,
+        mm_patch_merge_type=m.mm_patch_merge_type,
+        image_aspect_ratio=s.image_aspect_ratio,
+        tokenizer_padding_side="right",
+        tokenizer_model_max_length=s.model_max_length,
+        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
+        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
+        mm_use_im_start_end=m.mm_use_im_start_end,
+        mm_projector_lr=t.mm_projector_lr,
+        mm_use_im_patch_token=m.mm_use_im_patch_token,
+        use_cache=True,
+    )
+    conf.pop("_name_or_path", None)
+    if "rope_theta" in (conf.get("rope_parameters") or {}):  # transformers 4.x (LLaVA) reads only the flat key
+        conf.setdefault("rope_theta", conf["rope_parameters"]["rope_theta"])
+    return conf
+
+
+def shard_name(i: int, n: int) -> str:
+    """The i-th (0-based) of n safetensors shards, as transformers' save_pretrained names them."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def read_settings(path: str) -> LlavaSettings:
+    """A stage-2 folder's LlavaSettings: LLaVA's mm_* fields, or a llava-hf config plus its processor's do_pad."""
+    conf, get = _config(path), _config(path).get
+    if _check_kind(path) == "llava":
+        return LlavaSettings(
+            mm_projector_type=get("mm_projector_type", "linear"),  # LLaVA's getattr default (builder.py)
+            mm_vision_select_layer=get("mm_vision_select_layer", -2),
+            mm_vision_select_feature=get("mm_vision_select_feature", "patch"),
+            image_aspect_ratio=get("image_aspect_ratio", "square"),
+            model_max_length=get("tokenizer_model_max_length", 2048),
+            vision_tower=get("mm_vision_tower"),
+        )
+    layer, strategy = get("vision_feature_layer", -2), get("vision_feature_select_strategy", "default")
+    text, bias = conf["text_config"].get("model_type", "llama"), get("multimodal_projector_bias", True)
+    if not isinstance(layer, int) or get("projector_hidden_act", "gelu") != "gelu" or text != "llama" or not bias:
+        raise ValueError(f"{path!r}: only Llama + one int vision_feature_layer + biased gelu MLP maps to LLaVA-1.5")
+    return LlavaSettings(
+        mm_vision_select_layer=layer,
+        mm_vision_select_feature={v: k for k, v in _STRATEGY.items()}[strategy],
+        image_aspect_ratio="pad" if LlavaImageProcessorPil.from_pretrained(path).do_pad else "square",
+    )
+
+
+def _llm_config(conf: dict) -> LlamaConfig:
+    """LlamaConfig from a LLaVA config.json: LLaVA's mm_* fields and model_type llava_llama are dropped."""
+    known = LlamaConfig().to_dict().keys() - {"model_type", "architectures", "transformers_version"}
+    return LlamaConfig(**{k: v for k, v in conf.items() if k in known | {"rope_theta", "rope_scaling"}})
+
+
+def _clip_folder(path: str, vision_tower: str | None) -> str:
+    clip = vision_tower or _config(path).get("mm_vision_tower")
+    if not clip or not os.path.isdir(clip):
+        raise ValueError(f"{path!r}: its vision tower {clip!r} is not a local folder; pass --vision_tower CLIP_DIR")
+    return clip
+
+
+def llava_checkpoint_configs(path: str, vision_tower: str | None = None) -> tuple[LlamaConfig, CLIPVisionConfig]:
+    """(llm_config, vision_config) of a llava-hf or LLaVA folder without reading weights (every rank builds the meta
+    model from these). LLaVA format: CLIP's config from `vision_tower`, else the config's mm_vision_tower folder.
+    llava-hf: vocab_size is the original one (image_token_index, the first row the converter appended)."""
+    kind, conf = _check_kind(path), _config(path)
+    if kind == "llava":
+        return _llm_config(conf), CLIPVisionConfig.from_pretrained(_clip_folder(path, vision_tower))
+    read_settings(path)  # validates the vision feature settings
+    llm_config = _llm_config(conf["text_config"])
+    llm_config.vocab_size = min(llm_config.vocab_size, conf.get("image_token_index", 32000))
+    if (llm_config.pad_token_id or 0) >= llm_config.vocab_size:  # <pad> was one of the appended rows
+        llm_config.pad_token_id = None
+    return llm_config, CLIPVisionConfig(**conf["vision_config"])
+
+
+def _hf_state(path: str) -> dict[str, Tensor]:
+    """A llava-hf folder's tensors keyed by our names, read by LlavaForConditionalGeneration.from_pretrained (in the
+    config's dtype, dtype="auto"); every weight of the model must come from the folder and every file key be used."""
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype="auto", local_files_only=True, output_loading_info=True
+    )
+    if problems := {k: v for k, v in info.items() if v}:
+        raise ValueError(f"{path!r}: not a LLaVA-1.5 llava-hf folder ({problems})")
+    return {from_hf_key(k, path): v for k, v in model.state_dict().items()}
+
+
+def _llava_state(path: str, vision_tower: str | None) -> dict[str, Tensor]:
+    """A LLaVA folder's tensors keyed by our names; CLIP from the checkpoint's copy, else from the CLIP folder."""
+    state = read_weights(path, "checkpoint")
+    clip = {k.removeprefix(_LLAVA_TOWER): v for k, v in state.items() if k.startswith(_LLAVA_TOWER)}
+    out = {from_llava_key(k, path): v for k, v in state.items() if not k.startswith(_LLAVA_TOWER)}
+    out = {k: v for k, v in out.items() if not k.endswith(_NON_PERSISTENT)}
+    if not clip:  # LLaVA's FSDP path (and some released checkpoints) save no CLIP copy
+        clip = read_weights(_clip_folder(path, vision_tower), "--vision_tower")
+    return out | clip_vision_state(clip)
+
+
+def load_llava_checkpoint_state(
+    path: str, vision_tower: str | None = None
+) -> tuple[LlamaConfig, CLIPVisionConfig, dict[str, Tensor]]:
+    """(llm_config, vision_config, state keyed llm.* / vision_tower.* / mm_projector.*) of a llava-hf or LLaVA folder.
+
+    llava-hf: the rows the converter appended (<image>, <pad>, padding to a multiple of 64) are dropped, so the LLM
+    has its original vocabulary (minillava splices images at id -200 and never looks those rows up). LLaVA format:
+    CLIP's weights are the checkpoint's copy (model.vision_tower.*), else those of the CLIP folder."""
+    llm_config, vision_config = llava_checkpoint_configs(path, vision_tower)
+    if checkpoint_kind(path) == "llava-hf":
+        state = _hf_state(path)
+        return llm_config, vision_config, state | {k: state[k][: llm_config.vocab_size] for k in EMBEDDINGS}
+    return llm_config, vision_config, _llava_state(path, vision_tower)
+
+
+# ---------------------------------------------------------------------------------------------- llava-hf folders
+
+
+def hf_config(llm: LlamaConfig, vision: CLIPVisionConfig, s: LlavaSettings, vocab: int, image_id: int) -> LlavaConfig:
+    """The LlavaConfig of an export: gelu MLP projector, vision_feature_layer = mm_vision_select_layer."""
+    if s.mm_projector_type != "mlp2x_gelu":
+        raise ValueError(
+            f"mm_projector_type {s.mm_projector_type!r}: LlavaForConditionalGeneration has mlp2x_gelu only"
+        )
+    return LlavaConfig(
+        text_config=LlamaConfig.from_dict({**llm.to_dict(), "vocab_size": vocab}),  # pad_token_id: the LLM's (0)
+        vision_config=vision,
+        image_token_index=image_id,
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2 + (s.mm_vision_select_feature == "cls_patch"),
+        projector_hidden_act="gelu",  # exact erf GELU, as LLaVA's nn.GELU() (multimodal_projector/builder.py)
+        vision_feature_layer=s.mm_vision_select_layer,
+        vision_feature_select_strategy=_STRATEGY[s.mm_vision_select_feature],
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=image_id + 1,  # <pad>, added right after <image>
+    )
+
+
+def build_hf_model(config: LlavaConfig, state: dict[str, Tensor]) -> LlavaForConditionalGeneration:
+    """LlavaForConditionalGeneration holding `state` (our names), loaded strictly; built on meta, so nothing is
+    initialised twice (a 7B export never holds a random copy). Its save_pretrained writes the llava-hf folder."""
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.load_state_dict({to_hf_key(k): v for k, v in state.items()}, strict=True, assign=True)
+    lm, emb = model.model.language_model, model.model.vision_tower.embeddings  # non-persistent buffers: recompute
+    lm.rotary_emb = type(lm.rotary_emb)(config=config.text_config)
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions).expand(1, -1), persistent=False)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- a run's start
+
+
+def run_settings(cfg) -> LlavaSettings:
+    """The LlavaSettings of a run's flags."""
+    m = cfg.model
+    return LlavaSettings(
+        mm_projector_type=m.mm_projector_type,
+        mm_vision_select_layer=m.mm_vision_select_layer,
+        mm_vision_select_feature=m.mm_vision_select_feature,
+        image_aspect_ratio=cfg.data.image_aspect_ratio,
+        model_max_length=cfg.train.model_max_length,
+        vision_tower=m.vision_tower,
+    )
+
+
+def check_paths(cfg) -> None:
+    """Start-up checks that read the disk (config.py validates without it); ValueError naming the flag."""
+    m = cfg.model
+    # LLaVA silently starts stage 2 from a random projector when the adapter path is forgotten (its default
+    # is None), which wastes a whole finetune. We refuse unless the user opts in with --init_projector random;
+    # a llava-hf / LLaVA stage-2 folder as --model_name_or_path brings its projector.
+    needs_adapter = not m.tune_mm_mlp_adapter and m.pretrain_mm_mlp_adapter is None and m.init_projector == "auto"
+    if needs_adapter and checkpoint_kind(m.model_name_or_path) is None:
+        raise ValueError(
+            "--pretrain_mm_mlp_adapter is required when the projector is not trained from scratch "
+            "(--tune_mm_mlp_adapter False, i.e. stage 2): pass the stage-1 output_dir/mm_projector.bin, "
+            "or --init_projector random to start from a random projector on purpose (what LLaVA does silently)"
+        )
+
+
+def run_configs(cfg) -> tuple[LlamaConfig, CLIPVisionConfig]:
+    """(llm_config, vision_config) from the LLM + CLIP folders, or from a llava-hf / LLaVA-format stage-2 folder
+    given as --model_name_or_path (then its mm_* settings must match the flags). No weights are read."""
+    m = cfg.model
+    if checkpoint_kind(m.model_name_or_path) is None:
+        return AutoConfig.from_pretrained(m.model_name_or_path), CLIPVisionConfig.from_pretrained(m.vision_tower)
+    trained, flags = read_settings(m.model_name_or_path), run_settings(cfg)
+    for f in (f.name for f in fields(LlavaSettings) if f.name.startswith("mm_")):  # the model must be the one trained
+        ours, theirs = getattr(flags, f), getattr(trained, f)
+        if ours != theirs:
+            raise ValueError(f"--{f} {ours!r}: {m.model_name_or_path} was trained with {theirs!r}")
+    return llava_checkpoint_configs(m.model_name_or_path, m.vision_tower)
+
+
+def initial_state(cfg, llm_config, vision_config) -> dict[str, Tensor]:
+    """Rank 0 only: the full starting weights (LLM + tower from their folders, or a whole LLaVA checkpoint) plus
+    the projector: the checkpoint's, seeded-random, or from --pretrain_mm_mlp_adapter."""
+    m = cfg.model
+    from_llava = checkpoint_kind(m.model_name_or_path) is not None
+    if from_llava:  # LLM, tower and projector from the checkpoint
+        state = load_llava_checkpoint_state(m.model_name_or_path, m.vision_tower)[2]
+    else:
+        state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
+    if from_llava and not m.pretrain_mm_mlp_adapter and m.init_projector != "random":
+        return state  # keep the checkpoint's projector
+    torch.manual_seed(cfg.train.seed)
+    return state | projector_state(m.mm_projector_type, vision_config, llm_config, m.pretrain_mm_mlp_adapter)
