@@ -218,3 +218,17 @@ def make_tiny_llava(**kw):
     """A tiny LlavaModel (tiny_llama_config + tiny_clip_config), seeded; keywords as build_llava's."""
     torch.manual_seed(0)
     return build_llava(tiny_llama_config(), tiny_clip_config(), **kw)
+
+
+def trainer_parts(cfg, info, total_steps: int):
+    """train.py's own pieces for a test that drives train_step itself: (model, optimizer, scheduler, stream), the
+    stream yielding (epoch, Batch) micro-batches on info.device in LLaVA's sampler order."""
+    import train
+    from minillava.data import load_image_processor, load_tokenizer
+
+    model, _ = train.build_model(cfg, info)
+    tok = load_tokenizer(cfg.model.model_name_or_path, cfg.train.model_max_length)
+    processor = load_image_processor(cfg.model.vision_tower)
+    loader, sampler = train.build_loader(cfg, tok, processor, info, model.num_image_tokens)
+    optimizer, scheduler = train.build_optimizer(model, cfg.train, total_steps)
+    return model, optimizer, scheduler, train.micro_batch_stream(loader, sampler, 0, info.device)

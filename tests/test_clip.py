@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import flags
+from conftest import flags, trainer_parts
 from dist import run_distributed
 
 import train
@@ -33,15 +33,7 @@ def _one_step(argv: list[str]) -> dict:
     cfg = parse_args(argv)
     info = D.init_distributed()
     try:
-        model, _ = train.build_model(cfg, info)
-        from minillava.data import load_image_processor, load_tokenizer
-
-        tok = load_tokenizer(cfg.model.model_name_or_path, cfg.train.model_max_length)
-        loader, sampler = train.build_loader(
-            cfg, tok, load_image_processor(cfg.model.vision_tower), info, model.num_image_tokens
-        )
-        optimizer, scheduler = train.build_optimizer(model, cfg.train, 2)
-        stream = train.micro_batch_stream(loader, sampler, 0, info.device)
+        model, optimizer, scheduler, stream = trainer_parts(cfg, info, 2)
         micro = [next(stream)[1] for _ in range(cfg.train.gradient_accumulation_steps)]
         before = {k: v.clone() for k, v in full_tensors(model)}  # a 1-rank full tensor may alias the shard
         metrics = train.train_step(model, micro, optimizer, scheduler, cfg)

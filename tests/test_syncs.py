@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import flags
+from conftest import flags, trainer_parts
 from torch.overrides import TorchFunctionMode
 
 import train
 from minillava import distributed as D
 from minillava.config import parse_args
-from minillava.data import load_image_processor, load_tokenizer
 
 READS = {
     torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
@@ -58,13 +57,7 @@ def _count(argv: list[str], steps: int = 2) -> list[int]:
     cfg = parse_args(argv)
     info = D.init_distributed()
     try:
-        model, _ = train.build_model(cfg, info)
-        tok = load_tokenizer(cfg.model.model_name_or_path, cfg.train.model_max_length)
-        loader, sampler = train.build_loader(
-            cfg, tok, load_image_processor(cfg.model.vision_tower), info, model.num_image_tokens
-        )
-        optimizer, scheduler = train.build_optimizer(model, cfg.train, steps + 1)
-        stream = train.micro_batch_stream(loader, sampler, 0, info.device)
+        model, optimizer, scheduler, stream = trainer_parts(cfg, info, steps + 1)
         counts = []
         for _ in range(steps):
             micro = [next(stream)[1] for _ in range(cfg.train.gradient_accumulation_steps)]
