@@ -22,6 +22,7 @@ from minillava.config import Config, ConfigWarning, format_config, parse_args, s
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
 from minillava.formats import check_paths, initial_state, run_configs, run_settings
 from minillava.layout import Batch, LayoutCollator
+from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
@@ -127,8 +128,11 @@ def build_model(
                 p.data = p.data.to(torch.bfloat16)
     if prepare is not None:
         prepare(model)
-    if t.gradient_checkpointing:
-        D.apply_activation_checkpointing(model.decoder_layers()[:checkpoint_layers])
+    plan = plan_checkpointing(model, t, info.world_size, device_memory(info.device))
+    D.print0(plan.describe())
+    if t.gradient_checkpointing:  # True: every layer (or bench's first checkpoint_layers); auto: the plan's
+        k = plan.layers if t.gradient_checkpointing == "auto" else checkpoint_layers
+        D.apply_activation_checkpointing(model.decoder_layers()[:k])
     global_token = t.loss_reduction == "global_token"
     D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=global_token)
     if random_weights_seed is not None:

@@ -108,9 +108,10 @@ def varlen_causal_attention(
     if segment_lengths is None:
         segment_lengths = tuple(cu_seqlens.diff().tolist())
     # Each segment on its own: memory and FLOPs of sum(n_i^2), not of one (N, N) block-diagonal mask.
+    # (1, H, n, Dh) per segment: 4-D inputs reach SDPA's fused CPU kernel, which keeps no (n, n) scores either.
     outs = [
-        F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), is_causal=True,
-                                       scale=scale).transpose(0, 1)
+        F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (qi, ki, vi)), is_causal=True,
+                                       scale=scale)[0].transpose(0, 1)
         for qi, ki, vi in zip(*(x.split(segment_lengths) for x in (q, k, v)), strict=True)
     ]  # fmt: skip
     return torch.cat(outs)  # (N, Hq, Dh)

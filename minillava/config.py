@@ -73,9 +73,10 @@ class TrainArgs:
     lr_scheduler_type: str = "cosine"  # only cosine is implemented (HF default linear; every v1.5 script: cosine)
     max_grad_norm: float = 0.0  # minillava 0 = off: HF's 1.0 unused: scripts/zero{2,3}.json lack gradient_clipping
     loss_reduction: str = "llava"  # minillava: llava (per-micro-batch mean) | global_token (step-wide token mean)
-    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per LLM block
+    gradient_checkpointing: bool | str = False  # True: every LLM block (LLaVA's); auto: the fewest that fit (memory.py)
     attn_implementation: str = "sdpa"  # minillava: sdpa | flash_attention_2 | eager (LLaVA train_mem.py: fa2)
     padding_free: bool = False  # minillava: pack each micro-batch's real tokens into one varlen-attention sequence
+    # (the --stage presets pack: the same loss, no FLOP on padding)
     reshard_after_forward: bool = True  # minillava FSDP2 knob; --deepspeed zero2/zero3 maps to False/True
     seed: int = 42  # HF default
     logging_steps: int = 1  # log every N steps (HF default 500; v1.5 uses 1)
@@ -88,6 +89,9 @@ class TrainArgs:
 
 # scripts/v1_5/pretrain.sh and finetune.sh (LLaVA c121f04), transcribed flag by flag, minus paths (model, data,
 # images, vision tower, adapter, output), flags minillava ignores, and report_to wandb (a logging choice, not recipe).
+# Two speed settings differ, neither changes the loss: gradient_checkpointing "auto" (the scripts' True checkpoints
+# every layer; auto only as many as memory needs, memory.py) and padding_free (packed micro-batches). Passing the
+# scripts' own --gradient_checkpointing True / --padding_free False restores theirs.
 # fmt: off
 STAGE_PRESETS: dict[int, dict[str, Any]] = {
     1: dict(  # pretrain.sh: projector-only alignment, global batch 32 x 8 GPUs = 256
@@ -96,7 +100,7 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
         mm_use_im_start_end=False, mm_use_im_patch_token=False, bf16=True, num_train_epochs=1.0,
         per_device_train_batch_size=32, gradient_accumulation_steps=1, save_steps=24000, save_total_limit=1,
         learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine", logging_steps=1,
-        model_max_length=2048, gradient_checkpointing=True, dataloader_num_workers=4,
+        model_max_length=2048, gradient_checkpointing="auto", dataloader_num_workers=4, padding_free=True,
     ),
     2: dict(  # finetune.sh: LLM + projector, global batch 16 x 8 GPUs = 128
         reshard_after_forward=True,  # --deepspeed ./scripts/zero3.json
@@ -104,7 +108,8 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
         mm_use_im_patch_token=False, image_aspect_ratio="pad", group_by_modality_length=True, bf16=True,
         num_train_epochs=1.0, per_device_train_batch_size=16, gradient_accumulation_steps=1, save_steps=50000,
         save_total_limit=1, learning_rate=2e-5, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
-        logging_steps=1, model_max_length=2048, gradient_checkpointing=True, dataloader_num_workers=4,
+        logging_steps=1, model_max_length=2048, gradient_checkpointing="auto", dataloader_num_workers=4,
+        padding_free=True,
     ),
 }
 # fmt: on
@@ -159,6 +164,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "image_aspect_ratio": ("square", "pad"),  # anyres is LLaVA-1.6
     "lr_scheduler_type": ("cosine",),  # the only schedule any v1.5 script uses
     "loss_reduction": ("llava", "global_token"),
+    "gradient_checkpointing": (True, False, "auto"),
     "report_to": ("none", "wandb"),
 }
 _POSITIVE = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps",
@@ -217,8 +223,16 @@ def _spellings(name: str) -> list[str]:
     return [f"--{name}"] + ([f"--{hyphen}"] if hyphen != name else [])
 
 
+def checkpoint_mode(value: str | bool) -> bool | str:
+    """--gradient_checkpointing: a bool (LLaVA's) or auto."""
+    return "auto" if isinstance(value, str) and value.lower() == "auto" else str2bool(value)
+
+
 def _caster(tp: Any) -> Callable[[str], Any]:
-    base = next(a for a in (typing.get_args(tp) or (tp,)) if a is not type(None))  # X | None -> X
+    args = typing.get_args(tp)
+    if bool in args and str in args:  # bool | str: a bool or the word auto
+        return checkpoint_mode
+    base = next(a for a in (args or (tp,)) if a is not type(None))  # X | None -> X
     return str2bool if base is bool else base
 
 
@@ -231,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS)
     for f in _FIELDS:
         cast = _caster(f.type)
-        bare = {"nargs": "?", "const": True} if cast is str2bool else {}  # `--bf16` alone means True
+        bare = {"nargs": "?", "const": True} if cast in (str2bool, checkpoint_mode) else {}  # `--bf16` alone: True
         p.add_argument(*_spellings(f.name), dest=f.name, type=cast, **bare)
     for name in (*IGNORED_FLAGS, *MAPPED_FLAGS):
         p.add_argument(*_spellings(name), dest=name, nargs="?", const="True")

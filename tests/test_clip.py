@@ -52,7 +52,7 @@ def _reference(argv: list[str], before: dict, micro_by_rank: list[list[dict]], m
     m = cfg.model
     llm_config = AutoConfig.from_pretrained(m.model_name_or_path)
     vision_config = CLIPVisionConfig.from_pretrained(m.vision_tower)
-    model = build_llava_from_config(llm_config, vision_config, run_settings(cfg))
+    model = build_llava_from_config(llm_config, vision_config, run_settings(cfg), padding_free=cfg.train.padding_free)
     model.load_state_dict(before)
     set_trainable(model, tune_mm_mlp_adapter=m.tune_mm_mlp_adapter)
     optimizer, _ = build_optimizer(model, cfg.train, 2)

@@ -197,7 +197,8 @@ def test_padding_free_flag():
         "i",
     ]
     req += ["--output_dir", "o"]
-    assert parse_args(req).train.padding_free is False
+    assert parse_args(req).train.padding_free is True  # the --stage presets pack
+    assert parse_args([*req, "--padding_free", "False"]).train.padding_free is False
     assert parse_args([*req, "--padding_free", "True"]).train.padding_free is True
     assert parse_args([*req, "--padding-free"]).train.padding_free is True
     with pytest.raises(ValueError, match="padding_free"):
