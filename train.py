@@ -134,7 +134,13 @@ def build_model(
         k = plan.layers if t.gradient_checkpointing == "auto" else checkpoint_layers
         D.apply_activation_checkpointing(model.decoder_layers()[:k])
     global_token = t.loss_reduction == "global_token"
-    D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=global_token)
+    D.apply_fsdp(
+        model,
+        bf16=t.bf16,
+        reshard_after_forward=t.reshard_after_forward,
+        sum_gradients=global_token,
+        mesh=D.device_mesh(info.device, t.hsdp),
+    )
     if random_weights_seed is not None:
         init_random_weights(model, info.device, random_weights_seed)
         return model, flops

@@ -78,6 +78,7 @@ class TrainArgs:
     padding_free: bool = False  # minillava: pack each micro-batch's real tokens into one varlen-attention sequence
     # (the --stage presets pack: the same loss, no FLOP on padding)
     reshard_after_forward: bool = True  # minillava FSDP2 knob; --deepspeed zero2/zero3 maps to False/True
+    hsdp: bool = False  # minillava: shard within a node (torchrun's LOCAL_WORLD_SIZE), replicate across nodes
     seed: int = 42  # HF default
     logging_steps: int = 1  # log every N steps (HF default 500; v1.5 uses 1)
     save_steps: int = 500  # HF default; checkpoint every N steps, 0 = only the final save

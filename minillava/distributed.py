@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
@@ -109,7 +110,21 @@ def apply_activation_checkpointing(layers: list[nn.Module]) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def apply_fsdp(model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum_gradients: bool) -> None:
+def device_mesh(device: torch.device, hsdp: bool) -> DeviceMesh | None:
+    """None (FSDP2's default: one flat mesh over every rank), or for HSDP a 2-D (replicate, shard) mesh: parameters
+    sharded over the ranks of a node (torchrun's LOCAL_WORLD_SIZE), replicated across nodes. Gradients are then
+    reduce-scattered inside a node and all-reduced across nodes, so the slow inter-node link carries one shard."""
+    if not hsdp:
+        return None
+    world, local = dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    if world % local:
+        raise ValueError(f"--hsdp: {world} ranks do not split into nodes of LOCAL_WORLD_SIZE={local}")
+    return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(
+    model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum_gradients: bool, mesh: DeviceMesh | None = None
+) -> None:
     """fully_shard each LLM decoder layer, the vision tower as one unit, then the root (embeddings, norm, head,
     projector).
 
@@ -117,6 +132,7 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum
       optimizer updates) stay in whatever dtype they were built in (fp32 for trainable ones).
     - reshard_after_forward: True = ZeRO-3-like (zero3.json), False = ZeRO-2-like (zero2.json). The vision tower is
       forward-only, so it always reshards: keeping its gathered weights until backward would only cost memory.
+    - mesh: device_mesh(...): None for FSDP over every rank, a 2-D mesh for HSDP.
     - sum_gradients: for --loss_reduction global_token the loss is already divided by the global token count, so
       FSDP must sum gradients instead of averaging them over ranks. set_gradient_divide_factor(1.0) alone asks for
       PREMUL_SUM, which gloo lacks; forcing sum reduction makes it a plain SUM on every backend.
@@ -125,9 +141,9 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
     for layer in model.decoder_layers():
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model.vision_tower, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model.vision_tower, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if sum_gradients:
         for m in model.modules():
             if isinstance(m, FSDPModule):

@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple) -> None:
+def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple, local: int) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size)
+        RANK=str(rank), LOCAL_RANK=str(rank % local), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(local)
     )
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(1)
@@ -25,7 +25,11 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], 
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], tmp_path, *args: Any, world_size: int = 2) -> None:
-    """Call fn(rank, world_size, *args) on `world_size` gloo ranks; raises if any rank fails."""
+def run_distributed(
+    fn: Callable[..., Any], tmp_path, *args: Any, world_size: int = 2, local_world_size: int | None = None
+) -> None:
+    """Call fn(rank, world_size, *args) on `world_size` gloo ranks (as nodes of local_world_size ranks, default all
+    on one); raises if any rank fails."""
     init_file = os.path.join(str(tmp_path), f"dist_init_{os.getpid()}_{id(fn)}")
-    mp.spawn(_worker, args=(world_size, init_file, fn, args), nprocs=world_size, join=True)
+    local = local_world_size or world_size
+    mp.spawn(_worker, args=(world_size, init_file, fn, args, local), nprocs=world_size, join=True)
