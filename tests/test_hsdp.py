@@ -16,7 +16,8 @@ def _both(rank, world, argvs, out):
     meshes, real = [], train.D.apply_fsdp
 
     def recording(model, **kw):  # the mesh each run shards on
-        meshes.append(None if kw["mesh"] is None else dict(zip(kw["mesh"].mesh_dim_names, kw["mesh"].shape, strict=True)))
+        mesh = kw["mesh"]
+        meshes.append(None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True)))
         real(model, **kw)
 
     train.D.apply_fsdp = recording
