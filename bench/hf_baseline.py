@@ -69,9 +69,11 @@ def to_hf_batch(batch: dict, image_tokens: int, max_len: int) -> dict:
     return out
 
 
-def build_hf_model(args, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    """The same shapes as bench.model_configs (Vicuna-7B / CLIP-L/336, or tiny), random weights on `device`."""
-    llm_cfg, vis_cfg = B.model_configs(args)
+def build_hf_model(
+    llm_cfg, vis_cfg, stage: int, gradient_checkpointing: bool, device: torch.device, dtype: torch.dtype
+) -> LlavaForConditionalGeneration:
+    """HF's Llava at these shapes (bench.model_configs: Vicuna-7B / CLIP-L/336, or tiny), random weights on
+    `device`, LLaVA's trainable set for `stage`."""
     cfg = LlavaConfig(
         text_config=llm_cfg,
         vision_config=vis_cfg,
@@ -84,10 +86,10 @@ def build_hf_model(args, device: torch.device, dtype: torch.dtype) -> LlavaForCo
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     model.config.use_cache = False
-    model.requires_grad_(args.stage == 2)  # LLaVA's sets: stage 1 projector only, stage 2 LLM + projector
+    model.requires_grad_(stage == 2)  # LLaVA's sets: stage 1 projector only, stage 2 LLM + projector
     model.model.vision_tower.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
-    if args.gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
@@ -123,7 +125,7 @@ def measure(args) -> dict:
         hf = [{k: v.pin_memory() for k, v in b.items()} for b in hf]
     ceiling = matmul_tflops(device)
     torch.manual_seed(args.seed)
-    model = build_hf_model(args, device, dtype)
+    model = build_hf_model(llm_cfg, vis_cfg, args.stage, args.gradient_checkpointing, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-5, fused=True if cuda else None)
     if cuda:

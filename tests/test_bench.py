@@ -102,3 +102,20 @@ def test_summarise_arithmetic():
     assert out["padding_share"] == round(1 - 12 / 14, 4) and out["data_wait_share"] == 0.05
     assert out["mfu"] == round(counted / 4.0 / 1e3, 4)
     assert out["mfu_lm_head_labelled_only"] == round((counted - 4 * 10 * (12 - 3)) / 4.0 / 1e3, 4)
+
+
+def test_cpu_counts_table_tiny():
+    """bench/counts.py: per stage x AC x packing, minillava beside the baseline on the same batch. Packed without AC,
+    a step executes only the FLOPs it needs; every minillava step reads the device twice."""
+    from bench import counts
+
+    rows = counts.main(["--tiny"])
+    ours = [r for r in rows if r["what"] == "minillava"]
+    assert len(ours) == 8 and len(rows) == 12
+    assert all(r["host_reads_per_step"] == 2 for r in ours)
+    for r in ours:
+        if r["packing"] and not r["gradient_checkpointing"]:
+            assert r["executed_over_needed_flops"] <= 1.02, r
+        else:
+            assert r["executed_over_needed_flops"] > 1.02, r  # padding and recompute show
+    assert all(r["executed_over_needed_flops"] > 1.02 for r in rows if r["what"] == "hf_baseline")
