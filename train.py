@@ -109,14 +109,12 @@ def build_model(
     *,
     random_weights_seed: int | None = None,
     checkpoint_layers: int | None = None,
-    prepare=None,
 ):
-    """Meta-device build -> freeze -> checkpointing -> fully_shard -> weights streamed from rank 0.
+    """Meta-device build -> freeze -> compile -> checkpointing -> fully_shard -> weights streamed from rank 0.
 
     configs: (llm_config, vision_config), default the flags' folders (formats.run_configs). random_weights_seed:
     read no weights, materialise seeded random ones (bench/bench.py). checkpoint_layers: with
-    --gradient_checkpointing, only the first K blocks. prepare(model): called on the meta model before activation
-    checkpointing and fully_shard (bench/bench.py compiles each block there)."""
+    --gradient_checkpointing True, only the first K blocks (bench/bench.py --checkpoint_layers)."""
     t = cfg.train
     llm_config, vision_config = configs or run_configs(cfg)
     model = meta_model(cfg, llm_config, vision_config)
@@ -126,8 +124,8 @@ def build_model(
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-    if prepare is not None:
-        prepare(model)
+    if t.torch_compile:  # each block's forward; AC then checkpoints the compiled forward, FSDP2's hooks stay outside
+        D.compile_blocks(model.decoder_layers(), t.torch_compile_backend)
     plan = plan_checkpointing(model, t, info.world_size, device_memory(info.device))
     D.print0(plan.describe())
     if t.gradient_checkpointing:  # True: every layer (or bench's first checkpoint_layers); auto: the plan's

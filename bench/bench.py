@@ -138,6 +138,7 @@ def bench_config(args: argparse.Namespace, output_dir: str) -> Config:
     ]
     argv += ["--padding_free", str(args.packing), "--bf16", str(torch.cuda.is_available() and not args.tiny)]
     argv += ["--model_max_length", str(args.model_max_length)]
+    argv += ["--torch_compile", str(args.compile), "--torch_compile_backend", args.compile_backend]
     if args.stage == 2:
         argv += ["--init_projector", "random"]
     return parse_args(argv)
@@ -146,13 +147,6 @@ def bench_config(args: argparse.Namespace, output_dir: str) -> Config:
 def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
     """train.build_model at the benchmark's shapes (meta build, freeze, bf16 frozen weights, AC, fully_shard), with
     seeded random weights written straight into the shards instead of streaming a checkpoint from rank 0."""
-    compile_blocks = None
-    if args.compile:  # experiment: compile each block's forward; AC then checkpoints the compiled forward, and
-
-        def compile_blocks(model):  # FSDP2's hooks stay outside it (they live on __call__)
-            for layer in model.decoder_layers():
-                layer.forward = torch.compile(layer.forward, dynamic=True, backend=args.compile_backend)
-
     info = D.DistInfo(rank=0, local_rank=0, world_size=1, device=device, owns_group=False)  # 1 rank (main)
     return train.build_model(
         cfg,
@@ -160,7 +154,6 @@ def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
         model_configs(args),
         random_weights_seed=args.seed,
         checkpoint_layers=args.checkpoint_layers,  # --checkpoint_layers K: only the first K blocks (selective AC)
-        prepare=compile_blocks,
     )
 
 
@@ -272,7 +265,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--packing", **flag, help="train with --padding_free True")
     ap.add_argument("--gradient_checkpointing", **flag, help="activation checkpointing per LLM block")
     ap.add_argument("--checkpoint_layers", type=int, default=None, help="with AC: checkpoint only the first K blocks")
-    ap.add_argument("--compile", **flag, help="experiment: torch.compile each LLM block (not a trainer flag yet)")
+    ap.add_argument("--compile", **flag, help="the trainer's --torch_compile: torch.compile each LLM block")
     ap.add_argument("--compile_backend", default="inductor", help="aot_eager checks tracing on CPU without codegen")
     ap.add_argument("--steps", type=int, default=8, help="measured steps")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (allocator, kernels)")

@@ -79,6 +79,8 @@ class TrainArgs:
     # (the --stage presets pack: the same loss, no FLOP on padding)
     reshard_after_forward: bool = True  # minillava FSDP2 knob; --deepspeed zero2/zero3 maps to False/True
     hsdp: bool = False  # minillava: shard within a node (torchrun's LOCAL_WORLD_SIZE), replicate across nodes
+    torch_compile: bool = False  # minillava: torch.compile each decoder layer (dynamic shapes); off until measured
+    torch_compile_backend: str = "inductor"  # minillava: aot_eager traces without code generation (CPU tests)
     seed: int = 42  # HF default
     logging_steps: int = 1  # log every N steps (HF default 500; v1.5 uses 1)
     save_steps: int = 500  # HF default; checkpoint every N steps, 0 = only the final save

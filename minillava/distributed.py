@@ -122,6 +122,14 @@ def device_mesh(device: torch.device, hsdp: bool) -> DeviceMesh | None:
     return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
 
 
+def compile_blocks(layers: list[nn.Module], backend: str = "inductor") -> None:
+    """torch.compile each decoder layer's forward in place (dynamic shapes: packed lengths change every step). Like
+    apply_activation_checkpointing it wraps `forward`, so FSDP2's hooks on __call__ stay outside the graph and the
+    parameter names stay LLaVA's; call it first, so checkpointing wraps the compiled forward."""
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+
+
 def apply_fsdp(
     model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum_gradients: bool, mesh: DeviceMesh | None = None
 ) -> None:
