@@ -134,7 +134,9 @@ def apply_fsdp(
     model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum_gradients: bool, mesh: DeviceMesh | None = None
 ) -> None:
     """fully_shard each LLM decoder layer, the vision tower as one unit, then the root (embeddings, norm, head,
-    projector).
+    projector). With the whole LLM frozen (stage 1) only the projector is sharded: the frozen LLM and tower stay
+    whole on every rank (about 14 GB in bf16 at 7B, as LLaVA's ZeRO-2 run also kept them), so no step all-gathers
+    frozen weights and only the projector's gradients are reduced.
 
     - bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); sharded params (the master weights the
       optimizer updates) stay in whatever dtype they were built in (fp32 for trainable ones).
@@ -148,10 +150,13 @@ def apply_fsdp(
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
-    for layer in model.decoder_layers():
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model.vision_tower, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if not any(p.requires_grad for p in model.llm.parameters()):
+        fully_shard(model.mm_projector, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    else:
+        for layer in model.decoder_layers():
+            fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(model.vision_tower, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if sum_gradients:
         for m in model.modules():
             if isinstance(m, FSDPModule):

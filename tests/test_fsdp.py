@@ -89,3 +89,17 @@ def test_text_only_rank_does_not_hang(assets, tmp_path):
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(0 < r["loss"] < 20 for r in rows)
+
+
+def test_stage1_keeps_the_frozen_llm_and_tower_whole(assets, tmp_path):
+    """Stage 1 shards only the projector: the frozen LLM and tower are plain, whole tensors on every rank (no
+    all-gather of frozen weights per step); stage 2 shards every decoder layer."""
+    from torch.distributed.tensor import DTensor
+
+    for stage, sharded in ((1, {"mm_projector"}), (2, {"mm_projector", "llm", "vision_tower"})):
+        _, info, model = _build(flags(assets, str(tmp_path / f"o{stage}"), stage=stage))
+        try:
+            kinds = {n.split(".")[0] for n, p in model.named_parameters() if isinstance(p, DTensor)}
+            assert kinds == sharded, stage
+        finally:
+            D.cleanup(info)
