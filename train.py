@@ -189,13 +189,38 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_
 
 
 def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
-    """Endless (epoch, batch) stream on `device`; set_epoch gives every epoch its own LLaVA order."""
-    epoch = start_epoch
-    while True:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch.to(device)  # non_blocking from the pinned memory the DataLoader gives on CUDA
-        epoch += 1
+    """Endless (epoch, batch) stream on `device`; set_epoch gives every epoch its own LLaVA order. On CUDA each
+    batch is copied (from the DataLoader's pinned memory) on a side stream one batch ahead, so the copy overlaps the
+    step that is computing; the compute stream waits for that copy only when it uses the batch."""
+
+    def host_batches():
+        epoch = start_epoch
+        while True:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                yield epoch, batch
+            epoch += 1
+
+    if device.type != "cuda":
+        for epoch, batch in host_batches():
+            yield epoch, batch.to(device)
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def start_copy(item):
+        with torch.cuda.stream(copy_stream):
+            batch = item[1].to(device)
+        return item[0], batch, copy_stream.record_event()
+
+    host = host_batches()
+    ahead = start_copy(next(host))
+    for item in host:
+        (epoch, batch, copied), ahead = ahead, start_copy(item)
+        torch.cuda.current_stream(device).wait_event(copied)
+        for t in batch.values():  # the copies were allocated on the side stream; they are used on this one
+            if isinstance(t, torch.Tensor):
+                t.record_stream(torch.cuda.current_stream(device))
+        yield epoch, batch
 
 
 def main(argv: list[str] | None = None) -> None:

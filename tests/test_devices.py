@@ -26,6 +26,7 @@ from dist import run_distributed
 from torch.overrides import TorchFunctionMode
 
 import train
+from minillava import distributed as D
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_SIDE = {os.path.join(REPO, "train.py")} | {
@@ -149,3 +150,26 @@ def test_cuda_bf16_run_collectives_and_tensors_on_the_gpu(assets, tmp_path):
     """The same audits on a real NCCL run, in bf16 (fp32 masters and reductions) with the varlen kernel."""
     argv = [*_argv(assets, str(tmp_path / "o")), "--bf16", "True"]
     assert audited_main(argv) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_copies_ahead_and_yields_the_host_batches(assets, tmp_path):
+    """micro_batch_stream on CUDA copies each batch on a side stream one batch ahead: the batches it yields equal
+    the CPU stream's, in the same order."""
+    from minillava.config import parse_args
+    from minillava.data import load_image_processor, load_tokenizer
+
+    cfg = parse_args(_argv(assets, str(tmp_path / "o")))
+    info = D.init_distributed()
+    try:
+        tok, proc = load_tokenizer(cfg.model.model_name_or_path, 64), load_image_processor(cfg.model.vision_tower)
+        streams = []
+        for device in (torch.device("cpu"), info.device):
+            loader, sampler = train.build_loader(cfg, tok, proc, info, 4)
+            stream = train.micro_batch_stream(loader, sampler, 0, device)
+            streams.append([next(stream)[1] for _ in range(5)])
+        for host, dev in zip(*streams, strict=True):
+            assert all(torch.equal(host[k], dev[k].cpu()) for k in host if isinstance(host[k], torch.Tensor))
+    finally:
+        D.cleanup(info)
