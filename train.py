@@ -189,9 +189,11 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_
 
 
 def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
-    """Endless (epoch, batch) stream on `device`; set_epoch gives every epoch its own LLaVA order. On CUDA each
-    batch is copied (from the DataLoader's pinned memory) on a side stream one batch ahead, so the copy overlaps the
-    step that is computing; the compute stream waits for that copy only when it uses the batch."""
+    """Endless (epoch, batch, copy_wait) stream on `device`; set_epoch gives every epoch its own LLaVA order. On
+    CUDA each batch is copied (from the DataLoader's pinned memory) on a side stream one batch ahead, so the copy
+    overlaps the step that is computing; the compute stream waits for that copy only when it uses the batch.
+    copy_wait() is the seconds the compute stream stood waiting for it, from device events (read it after the step
+    has synchronised; always 0 on the CPU)."""
 
     def host_batches():
         epoch = start_epoch
@@ -203,7 +205,7 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
 
     if device.type != "cuda":
         for epoch, batch in host_batches():
-            yield epoch, batch.to(device)
+            yield epoch, batch.to(device), lambda: 0.0
         return
     copy_stream = torch.cuda.Stream(device)
 
@@ -216,11 +218,15 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
     ahead = start_copy(next(host))
     for item in host:
         (epoch, batch, copied), ahead = ahead, start_copy(item)
-        torch.cuda.current_stream(device).wait_event(copied)
+        compute = torch.cuda.current_stream(device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        compute.wait_event(copied)
+        after.record(compute)
         for t in batch.values():  # the copies were allocated on the side stream; they are used on this one
             if isinstance(t, torch.Tensor):
-                t.record_stream(torch.cuda.current_stream(device))
-        yield epoch, batch
+                t.record_stream(compute)
+        yield epoch, batch, lambda before=before, after=after: before.elapsed_time(after) / 1e3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,8 +271,9 @@ def main(argv: list[str] | None = None) -> None:
         stream = micro_batch_stream(loader, sampler, sampler.epoch, info.device)
         for step in range(start, total_steps):
             t0 = time.perf_counter()
-            micro = [next(stream)[1] for _ in range(ga)]
-            t_data = time.perf_counter() - t0
+            items = [next(stream) for _ in range(ga)]
+            micro = [batch for _, batch, _ in items]
+            t_data = time.perf_counter() - t0  # the host waiting for the DataLoader
             lrs = group_lrs(optimizer)  # the lrs this step uses (the scheduler moves them on inside train_step)
             metrics = train_step(model, micro, optimizer, scheduler, cfg)
             if info.device.type == "cuda":
@@ -281,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                 samples_per_s=global_batch / dt,
                 tokens_per_s=step_tokens / dt,
                 data_wait=t_data / dt,
+                copy_wait=sum(wait() for _, _, wait in items) / dt,  # the device waiting for host-to-device copies
                 peak_mem_gb=peak_memory_gb(info.device),
                 mfu=step_flops / dt / (peak * info.world_size) if peak else None,
             )

@@ -20,6 +20,9 @@ def test_stage1_then_stage2_single_process(assets, tmp_path):
         cfg = json.load(f)
     assert cfg["model_type"] == "llava_llama" and cfg["mm_projector_type"] == "mlp2x_gelu"
     assert all(map(lambda x: x == x and x < 100, losses(s1)))  # finite
+    with open(os.path.join(s1, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    assert row["copy_wait"] == 0.0 and 0 <= row["data_wait"] < 1  # no device copies to wait for on the CPU
     s2 = str(tmp_path / "s2")
     argv = flags(assets, s2, stage=2, pretrain_mm_mlp_adapter=os.path.join(s1, "mm_projector.bin"))
     train.main(argv)
