@@ -4,53 +4,14 @@ clipping, logging) performs; torch.optim's own step counters are not counted. On
 queue. The batch layout is finished on the host (minillava/layout.py), so a step reads the device twice whatever
 the accumulation: the gradient norm and the logging reduction."""
 
-import sys
 
 import pytest
-import torch
 from conftest import flags, trainer_parts
-from torch.overrides import TorchFunctionMode
 
 import train
+from bench.counts import HostReads
 from minillava import distributed as D
 from minillava.config import parse_args
-
-READS = {
-    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
-    torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
-    torch.Tensor.any, torch.Tensor.all, torch.masked_select,
-}  # fmt: skip
-
-
-def _is_bool_index(idx) -> bool:
-    items = idx if isinstance(idx, tuple) else (idx,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
-
-
-class SyncCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.where: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        reads = func in READS and not (func in (torch.Tensor.any, torch.Tensor.all) and isinstance(out, torch.Tensor))
-        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _is_bool_index(args[1]):
-            reads = True
-        if reads and not self._in_optimizer():
-            frame = sys._getframe(1)
-            self.where.append(f"{func.__name__} at {frame.f_code.co_filename}:{frame.f_lineno}")
-        return out
-
-    @staticmethod
-    def _in_optimizer() -> bool:
-        frame = sys._getframe(2)
-        while frame is not None:
-            if "/torch/optim/" in frame.f_code.co_filename:
-                return True
-            frame = frame.f_back
-        return False
 
 
 def _count(argv: list[str], steps: int = 2) -> list[int]:
@@ -61,7 +22,7 @@ def _count(argv: list[str], steps: int = 2) -> list[int]:
         counts = []
         for _ in range(steps):
             micro = [next(stream)[1] for _ in range(cfg.train.gradient_accumulation_steps)]
-            counter = SyncCounter()
+            counter = HostReads()
             with counter:
                 train.train_step(model, micro, optimizer, scheduler, cfg)
             counts.append(counter.where)
