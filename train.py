@@ -29,6 +29,8 @@ from minillava.optim import build_optimizer, group_lrs, num_training_steps
 from minillava.outputs import save_final
 from minillava.sampler import DistributedModalityLengthSampler
 
+NO_LABEL_STEPS = 20  # a run whose first steps train no label token at all stops (nothing would be learnt)
+
 
 def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Config) -> dict[str, float]:
     """One optimizer step over gradient_accumulation_steps micro-batches; returns rank-averaged metrics. Token counts
@@ -158,6 +160,7 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_
         version=cfg.model.version,
         image_aspect_ratio=d.image_aspect_ratio,
         model_max_length=t.model_max_length,
+        image_tokens=num_image_tokens,
     )
     lengths = dataset.modality_lengths if t.group_by_modality_length else dataset.lengths
     sampler = DistributedModalityLengthSampler(
@@ -269,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             run_config=cfg.to_dict(),
         )
         stream = micro_batch_stream(loader, sampler, sampler.epoch, info.device)
+        trained_tokens = 0.0
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             items = [next(stream) for _ in range(ga)]
@@ -276,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
             t_data = time.perf_counter() - t0  # the host waiting for the DataLoader
             lrs = group_lrs(optimizer)  # the lrs this step uses (the scheduler moves them on inside train_step)
             metrics = train_step(model, micro, optimizer, scheduler, cfg)
+            trained_tokens += metrics["label_tokens"]  # every rank's (the logging reduction): all ranks agree
+            if trained_tokens == 0 and step + 1 - start >= min(NO_LABEL_STEPS, total_steps - start):
+                raise ValueError(
+                    f"no label token in {step + 1 - start} steps: every sample lost its answers (check "
+                    f"--model_max_length {t.model_max_length} against the {model.num_image_tokens} positions an "
+                    "image takes, and the skipped samples named above)"
+                )
             if info.device.type == "cuda":
                 torch.cuda.synchronize(info.device)
             dt = time.perf_counter() - t0

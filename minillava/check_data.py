@@ -13,6 +13,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from minillava.data import (
     process_image,
     word_count,
 )
+from minillava.layout import supervised_tokens
 
 BLOCK = 2048  # records handed to the thread pool at a time (bounded memory, a live progress bar)
 
@@ -49,8 +51,12 @@ def check_record(record: Any, args: argparse.Namespace, tokenizer: Any, processo
         if tokenizer is None:
             check_conversations(record["conversations"], args.version, has_image)
         else:
-            _, labels = preprocess(record["conversations"], tokenizer, args.version, has_image)
-            if all(t == IGNORE_INDEX for t in labels[: args.model_max_length]):
+            ids, labels = preprocess(record["conversations"], tokenizer, args.version, has_image)
+            ids, labels = torch.tensor(ids[: args.model_max_length]), torch.tensor(labels[: args.model_max_length])
+            if supervised_tokens(ids, labels, args.image_tokens, args.model_max_length) == 0:
+                if (labels[1:] != IGNORE_INDEX).any():
+                    return (f"no supervised tokens within --model_max_length {args.model_max_length}: its "
+                            f"{args.image_tokens} image tokens push all its answers past it")  # fmt: skip
                 return f"no supervised tokens within --model_max_length {args.model_max_length}"
         if has_image:
             if not isinstance(record["image"], str) or args.image_folder is None:
@@ -75,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model_max_length", type=int, default=2048)
     p.add_argument("--vision_tower", default=None, help="run the CLIP processor on every image (slower)")
     p.add_argument("--image_aspect_ratio", default="pad", choices=ASPECT_RATIOS)
+    p.add_argument("--image_tokens", type=int, default=None,
+                   help="LLM positions one <image> takes (default: from --vision_tower's config, else 576, CLIP-L/336)")
     p.add_argument("--num_workers", type=int, default=8, help="threads (image I/O dominates)")
     return p.parse_args(argv)
 
@@ -90,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tokenizer = load_tokenizer(args.model_name_or_path, args.model_max_length) if args.model_name_or_path else None
     processor = load_image_processor(args.vision_tower) if args.vision_tower else None
+    if args.image_tokens is None:
+        args.image_tokens = 576
+        if args.vision_tower:
+            from transformers import CLIPVisionConfig
+
+            vision = CLIPVisionConfig.from_pretrained(args.vision_tower)
+            args.image_tokens = (vision.image_size // vision.patch_size) ** 2
     reasons: list[str | None] = []
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool, tqdm(total=len(records), unit="sample") as bar:
         for start in range(0, len(records), BLOCK):

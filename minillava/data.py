@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from minillava.constants import IGNORE_INDEX
 from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
+from minillava.layout import supervised_tokens
 
 logger = logging.getLogger(__name__)
 ASPECT_RATIOS = ("pad", "square")
@@ -93,6 +94,7 @@ class LazySupervisedDataset(Dataset):
         image_aspect_ratio: str = "square",
         model_max_length: int = 2048,
         is_multimodal: bool = True,
+        image_tokens: int = 1,
     ) -> None:
         get_template(version)  # an unknown --version fails here, not in a DataLoader worker
         if image_aspect_ratio not in ASPECT_RATIOS:
@@ -103,8 +105,9 @@ class LazySupervisedDataset(Dataset):
         self.data_path, self.tokenizer, self.image_processor = data_path, tokenizer, image_processor
         self.image_folder, self.version, self.image_aspect_ratio = image_folder, version, image_aspect_ratio
         self.model_max_length, self.is_multimodal = model_max_length, is_multimodal
-        # Per process: with DataLoader workers each worker counts its own samples (the warnings name them all).
-        self.num_fully_masked = 0
+        self.image_tokens = image_tokens  # LLM positions one <image> becomes (576 for CLIP-L/336); 1 counts text only
+        # Per process: with DataLoader workers each worker counts its own samples (the warnings name them all, once).
+        self.num_fully_masked, self._warned = 0, set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -158,10 +161,16 @@ class LazySupervisedDataset(Dataset):
         # LLaVA truncates text-only samples here and every sample in the collator: the same ids either way, but
         # per sample we can see the ones left without a single supervised token.
         input_ids, labels = input_ids[: self.model_max_length], labels[: self.model_max_length]
-        if all(t == IGNORE_INDEX for t in labels):
-            self.num_fully_masked += 1
-            logger.warning("%s: no supervised tokens (%s); it adds no loss and no token count", where, reason)
         out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        if supervised_tokens(out["input_ids"], out["labels"], self.image_tokens, self.model_max_length) == 0:
+            if any(t != IGNORE_INDEX for t in labels[1:]):  # the text fits; its image tokens push the answers out
+                reason = (f"its {self.image_tokens} image tokens push all its answers past "
+                          f"model_max_length={self.model_max_length}")  # fmt: skip
+            if i not in self._warned:
+                self._warned.add(i)
+                self.num_fully_masked += 1
+                logger.warning("%s: skipped: no supervised tokens (%s); it adds no loss and no token count", where,
+                               reason)  # fmt: skip
         if has_image:
             out["pixel_values"] = self.load_image(i)
         elif self.is_multimodal:

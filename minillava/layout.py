@@ -93,6 +93,14 @@ def _expand(ids: Tensor, labels: Tensor, image_tokens: int, max_len: int) -> tup
     return out_ids, out_labels, pos[keep], rows[keep]
 
 
+def supervised_tokens(ids: Tensor, labels: Tensor, image_tokens: int, max_len: int) -> int:
+    """Labels of one sample that get a loss once each <image> is expanded to image_tokens positions and the result
+    truncated to max_len (LLaVA's order): what the layout will train. Zero for a sample whose answers the image
+    tokens push past max_len, which LLaVA trains on silently with no loss."""
+    _, out_labels, _, _ = _expand(ids, labels, image_tokens, max_len)
+    return int((out_labels[1:] != IGNORE_INDEX).sum())
+
+
 def lay_out(raw: dict[str, Tensor], *, image_tokens: int, max_len: int, padding_free: bool) -> Batch:
     """LLaVA's collated batch (DataCollator: right-padded input_ids with IMAGE_TOKEN_INDEX placeholders, labels,
     attention_mask, pixel_values) -> its final padded or packed layout. Images are consumed in batch order, and a

@@ -63,11 +63,16 @@ def test_tokenizer_checks_find_fully_masked_samples(tmp_path, tokenizer_dir, cap
     long = {"id": "long", "conversations": [H("What is the colour of the shape? " * 30), G("Red.")]}
     argv = write(tmp_path, [*GOOD, long])
     assert main(argv) == 0  # structure alone is fine
-    assert main([*argv, "--model_name_or_path", tokenizer_dir, "--model_max_length", "64"]) == 1
+    tiny = ["--image_tokens", "4"]  # a tiny tower's 2 x 2 patches: only 'long' loses its answer
+    assert main([*argv, "--model_name_or_path", tokenizer_dir, "--model_max_length", "64", *tiny]) == 1
     out = capsys.readouterr().out
     assert "BAD sample 2 id='long': no supervised tokens within --model_max_length 64" in out
     assert "1 bad of 3 samples (checked structure, image files, tokenization;" in out
     assert main([*argv, "--tokenizer", tokenizer_dir, "--model_max_length", "2048"]) == 0
+    # CLIP-L/336's 576 image tokens (the default) push the image sample's short answer past 64 positions too
+    assert main([*argv, "--model_name_or_path", tokenizer_dir, "--model_max_length", "64"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD sample 0 id='img': no supervised tokens within --model_max_length 64: its 576 image tokens" in out
 
 
 def test_version_rules_and_vision_tower(tmp_path, tokenizer_dir, image_processor, capsys):

@@ -308,3 +308,20 @@ def test_text_only_run_has_no_pixel_values(tmp_path, tokenizer):
     ds = make_dataset(tmp_path, [GOOD, GOOD], tokenizer, None, is_multimodal=False)
     batch = DataCollator(0, 2048)([ds[0], ds[1]])
     assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 2
+
+
+def test_image_tokens_that_push_the_answer_out_are_a_named_counted_skip(tmp_path, tokenizer, image_processor, caplog):
+    """The text fits model_max_length, but its image's P positions push the answer past it: LLaVA would train on
+    it with no label token and no word. The dataset names it once (a skip: no loss, no token count) and counts it."""
+    records = [{"id": "pushed", "image": "img.png", "conversations": [H("<image>\nWhat colour?"), G("Red.")]}]
+    ds = make_dataset(tmp_path, records, tokenizer, image_processor, model_max_length=200, image_tokens=190)
+    with caplog.at_level(logging.WARNING, logger="minillava.data"):
+        ds[0], ds[0]
+    assert ds.num_fully_masked == 1 and caplog.text.count("'pushed'") == 1
+    assert "skipped" in caplog.text
+    assert "its 190 image tokens push all its answers past model_max_length=200" in caplog.text
+    assert len(ds[0]["input_ids"]) < 200  # the text alone fits
+    fits = make_dataset(tmp_path, records, tokenizer, image_processor, model_max_length=200, image_tokens=4)
+    fits[0]
+    assert fits.num_fully_masked == 0
+

@@ -53,3 +53,12 @@ def test_two_ranks_match_one_process(assets, tmp_path, reduction, extra, tol):
     train.main(flags(assets, one, gradient_accumulation_steps=2, **common))
     run_distributed(_dist_main, tmp_path, flags(assets, two, **common))
     torch.testing.assert_close(losses(two), losses(one), rtol=tol, atol=tol)
+
+
+def test_a_run_that_trains_no_label_token_stops(assets, tmp_path):
+    """--model_max_length below every sample's image + prompt: each sample is a named skip, and the run stops with
+    an error instead of writing a model that learnt nothing (exit 0 before)."""
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError, match=r"no label token in 3 steps: .*--model_max_length 12 against the 4 positions"):
+        train.main(flags(assets, out, stage=2, model_max_length=12))
+    assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
