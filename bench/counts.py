@@ -149,13 +149,18 @@ def raw_batch(stage: int, tiny: bool, llm_cfg, vis_cfg) -> dict:
     return B.make_batch(text, stage, vis_cfg.image_size, llm_cfg.vocab_size, torch.Generator().manual_seed(0))
 
 
-def ours(stage: int, checkpointing: bool, packing: bool, tiny: bool) -> dict:
-    llm_cfg, vis_cfg = configs(tiny)
+def run_config(stage: int, *flags: str):
+    """The trainer's Config for `stage` with `flags`; the paths are placeholders (nothing is read)."""
     with tempfile.TemporaryDirectory() as out:
         argv = ["--stage", str(stage), "--output_dir", out, "--model_name_or_path", "-", "--vision_tower", "-",
-                "--data_path", "-", "--image_folder", "-", "--bf16", "False", "--per_device_train_batch_size", "4",
-                "--gradient_checkpointing", str(checkpointing), "--padding_free", str(packing)]  # fmt: skip
-        cfg = parse_args(argv + (["--init_projector", "random"] if stage == 2 else []))
+                "--data_path", "-", "--image_folder", "-", *flags]  # fmt: skip
+        return parse_args(argv + (["--init_projector", "random"] if stage == 2 else []))
+
+
+def ours(stage: int, checkpointing: bool, packing: bool, tiny: bool) -> dict:
+    llm_cfg, vis_cfg = configs(tiny)
+    cfg = run_config(stage, "--bf16", "False", "--per_device_train_batch_size", "4", "--gradient_checkpointing",
+                     str(checkpointing), "--padding_free", str(packing))  # fmt: skip
     info = D.init_distributed()
     try:
         model, _ = train.build_model(cfg, info, (llm_cfg, vis_cfg), random_weights_seed=0)
@@ -188,10 +193,7 @@ def baseline(stage: int, checkpointing: bool, tiny: bool) -> dict:
         model(**hf).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    with tempfile.TemporaryDirectory() as out:  # the same needed FLOPs as minillava's on this batch
-        argv = ["--stage", str(stage), "--output_dir", out, "--model_name_or_path", "-", "--vision_tower", "-",
-                "--data_path", "-", "--image_folder", "-", "--padding_free", "False"]  # fmt: skip
-        cfg = parse_args(argv + (["--init_projector", "random"] if stage == 2 else []))
+    cfg = run_config(stage, "--padding_free", "False")  # the same needed FLOPs as minillava's on this batch
     plain = build_llava_from_config(llm_cfg, vis_cfg, run_settings(cfg))
     set_trainable(plain, tune_mm_mlp_adapter=stage == 1)
     batch = plain.layout(raw)

@@ -80,10 +80,13 @@ def all_reduce_on_device(values: list[float | torch.Tensor], op: str = "sum") ->
     on collective_device() (op: sum, max or mean); the result stays there. Nothing is read back to the host: floats
     become fill kernels (torch.full), not host-to-device copies."""
     dev = collective_device()
-    t = torch.stack(
-        [v.to(dev, torch.float64).reshape(()) if isinstance(v, torch.Tensor) else torch.full((), v, dtype=torch.float64,
-                                                                                          device=dev) for v in values]
-    )  # fmt: skip
+
+    def scalar(v: float | torch.Tensor) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            return v.to(dev, torch.float64).reshape(())
+        return torch.full((), v, dtype=torch.float64, device=dev)
+
+    t = torch.stack([scalar(v) for v in values])
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t /= dist.get_world_size()

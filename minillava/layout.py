@@ -16,6 +16,7 @@ Labels are stored already shifted: hidden state `label_pos[i]` (a flat index int
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -45,7 +46,8 @@ class Batch(Mapping):
 
     INPUTS = ("input_ids", "position_ids", "pixel_values", "image_pos", "image_rows", "label_pos", "label_ids")
 
-    def _inputs(self) -> dict:
+    @cached_property
+    def _inputs(self) -> dict:  # built once: model(**batch) reads every key
         out = {k: getattr(self, k) for k in self.INPUTS}
         if self.cu_seqlens is not None:
             out.update(cu_seqlens=self.cu_seqlens, max_len=self.max_len, seq_lens=self.seq_lens)
@@ -54,13 +56,13 @@ class Batch(Mapping):
         return out
 
     def __getitem__(self, key: str):
-        return self._inputs()[key]
+        return self._inputs[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._inputs())
+        return iter(self._inputs)
 
     def __len__(self) -> int:
-        return len(self._inputs())
+        return len(self._inputs)
 
     def _map(self, fn) -> "Batch":
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -5,46 +5,22 @@ checkpointing, lm_head and a plain F.cross_entropy on the labelled rows only, on
 
 import json
 
-import torch
-import torch.nn.functional as F
 from conftest import flags, trainer_parts
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from bench.counts import needed_flops
 from minillava import distributed as D
 from minillava.config import parse_args
 from minillava.formats import run_configs, run_settings
-from minillava.model import build_llava_from_config, set_trainable, splice
+from minillava.model import build_llava_from_config, set_trainable
 
 
 def _needed_flops(cfg, micro) -> int:
-    """The step's work without overhead, through a plain (unsharded) copy of the model: the tower and projector on
-    the batch's images once (as the step), then the LLM on each sample alone (its real tokens only), lm_head and a
-    plain F.cross_entropy on its labelled rows, one backward for all."""
-    model = build_llava_from_config(*run_configs(cfg), run_settings(cfg))  # one sample at a time: no padding
+    """bench/counts.py's reference, through a plain (unsharded, padded) copy of the model: one sample at a time."""
+    model = build_llava_from_config(*run_configs(cfg), run_settings(cfg))
     set_trainable(model, tune_mm_mlp_adapter=cfg.model.tune_mm_mlp_adapter)
-    total = 0
-    for batch in micro:
-        labels = torch.full_like(batch.input_ids, -100).view(-1)
-        labels[batch.label_pos + 1] = batch.label_ids  # back to LLaVA's collated (unshifted) labels, per sample
-        packed, n = batch.cu_seqlens is not None, batch.seq_lens
-        starts = [sum(n[:i]) for i in range(len(n))] if packed else [i * batch.max_len for i in range(len(n))]
-        with FlopCounterMode(display=False) as counter:
-            feats = model.encode_images(batch.pixel_values, torch.float32)  # (N, P, D)
-            loss = 0.0
-            for s, length in zip(starts, n, strict=True):
-                e = s + length
-                ids, lab = batch.input_ids.view(-1)[s:e][None], labels[s:e][None]
-                mine = (batch.image_pos >= s) & (batch.image_pos < e)
-                text = model.llm.get_input_embeddings()(ids)
-                embeds = splice(text, feats, batch.image_pos[mine] - s, batch.image_rows[mine])
-                hidden = model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
-                keep = lab[0, 1:] != -100
-                logits = model.llm.lm_head(hidden[:-1][keep]).float()
-                loss = loss + F.cross_entropy(logits, lab[0, 1:][keep], reduction="sum")
-            loss.backward()
-        total += counter.get_total_flops()
-    return total
+    return sum(needed_flops(model, batch) for batch in micro)
 
 
 def _executed_and_needed(argv):
