@@ -27,6 +27,7 @@ from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
 from minillava.outputs import save_final
+from minillava.preemption import EXIT_CODE, Preempted, StopRequest, ignore_sigterm
 from minillava.sampler import DistributedModalityLengthSampler
 
 NO_LABEL_STEPS = 20  # a run whose first steps train no label token at all stops (nothing would be learnt)
@@ -186,6 +187,7 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_
         num_workers=t.dataloader_num_workers,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
+        worker_init_fn=ignore_sigterm,  # a SIGTERM to the whole job stops the trainer, which stops its workers
         generator=torch.Generator().manual_seed(t.seed),  # worker seeds off the global RNG: resume stays exact
     )
     return loader, sampler
@@ -232,13 +234,26 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
         yield epoch, batch, lambda before=before, after=after: before.elapsed_time(after) / 1e3
 
 
+class SampleError(ValueError):
+    """A bad sample met in the training loop: only the rank that read it knows, so that rank reports it."""
+
+    @classmethod
+    def of(cls, e: ValueError) -> "SampleError":
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: the error is its last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        return cls(message)
+
+
 def main(argv: list[str] | None = None) -> None:
     if os.environ.get("RANK", "0") != "0":  # flag warnings once, from rank 0
         warnings.filterwarnings("ignore", category=ConfigWarning)
     cfg = parse_args(argv)
     check_paths(cfg)  # the start-up checks that read the disk (parse_args reads nothing)
     info = D.init_distributed()
+    stop = StopRequest(watch_agent="TORCHELASTIC_RUN_ID" in os.environ)  # SIGTERM / dead torchrun: save and stop
     t = cfg.train
+    logger = None
     try:
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
@@ -275,7 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         trained_tokens = 0.0
         for step in range(start, total_steps):
             t0 = time.perf_counter()
-            items = [next(stream) for _ in range(ga)]
+            try:
+                items = [next(stream) for _ in range(ga)]
+            except ValueError as e:
+                raise SampleError.of(e) from e
             micro = [batch for _, batch, _ in items]
             t_data = time.perf_counter() - t0  # the host waiting for the DataLoader
             lrs = group_lrs(optimizer)  # the lrs this step uses (the scheduler moves them on inside train_step)
@@ -291,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.synchronize(info.device)
             dt = time.perf_counter() - t0
             seq = [n for b in micro for n in b.seq_lens]
-            step_flops, step_tokens = D.all_reduce([sum(map(flops.sample_flops, seq)), sum(seq)])
+            # The step's one host-side reduction also tells every rank whether any rank was asked to stop.
+            step_flops, step_tokens, stopping = D.all_reduce([sum(map(flops.sample_flops, seq)), sum(seq),
+                                                              float(stop.requested)])  # fmt: skip
             metrics.update(
                 lr=next(iter(lrs.values())),
                 **{f"lr_{name}": lr for name, lr in lrs.items()},
@@ -304,15 +324,43 @@ def main(argv: list[str] | None = None) -> None:
                 mfu=step_flops / dt / (peak * info.world_size) if peak else None,
             )
             logger.advance()
-            if (step + 1) % t.logging_steps == 0 or step == 0:
+            if (step + 1) % t.logging_steps == 0 or step == 0 or stopping:
                 logger.log(step + 1, metrics)
-            ckpt.save_if_due(step + 1)
+            saved = ckpt.save_if_due(step + 1)
+            if stopping and step + 1 < total_steps:
+                saved = saved or ckpt.save(step + 1)
+                raise Preempted(
+                    f"stopped after step {step + 1} of {total_steps} ({stop.reason or 'another rank was asked to'}): "
+                    f"saved {saved}; to continue, "
+                    "run the same command with --resume_from_checkpoint auto"
+                )
         logger.close()
         save_final(model, cfg, tokenizer, dtype)
         D.print0(f"done: outputs in {os.path.abspath(t.output_dir)}")
     finally:
+        if logger is not None:
+            logger.close()  # ends the progress bar before any error is printed
+        stop.close()
         D.cleanup(info)
 
 
+def cli(argv: list[str]) -> int:
+    """`python train.py` / torchrun: main() with what a user can fix as one line on stderr instead of a traceback.
+    A bad flag, path or file (ValueError) is the same on every rank: the first rank of each node prints it; a bad
+    sample (SampleError) is printed by the rank that read it. Preemption exits with EXIT_CODE (143)."""
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    try:
+        main(argv)
+    except Preempted as e:
+        if first:
+            print(e, file=sys.stderr, flush=True)
+        return EXIT_CODE
+    except ValueError as e:
+        if first or isinstance(e, SampleError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

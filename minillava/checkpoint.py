@@ -142,9 +142,11 @@ class Checkpointer:
             "dataset_length": dataset_length,
         }
 
-    def save_if_due(self, step: int) -> None:
+    def save_if_due(self, step: int) -> str | None:
+        """Save every --save_steps; the checkpoint's path, or None when none was due."""
         if self.cfg.train.save_steps > 0 and step % self.cfg.train.save_steps == 0:
-            self.save(step)
+            return self.save(step)
+        return None
 
     def save(self, step: int) -> str:
         """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path."""

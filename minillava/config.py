@@ -298,7 +298,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if "reshard_after_forward" in explicit:
             raise ValueError("--deepspeed and --reshard_after_forward both set the sharding mode; give one")
         explicit["reshard_after_forward"] = _map_deepspeed(explicit.pop("deepspeed"))
-    values = {**STAGE_PRESETS.get(explicit.get("stage"), {}), **explicit}  # a bad --stage fails in validate
+    stage = explicit.get("stage")
+    _check(stage in _CHOICES["stage"], "stage", stage, "supported: 1 (pretrain.sh) or 2 (finetune.sh)")
+    values = {**STAGE_PRESETS.get(stage, {}), **explicit}
     missing = [f"--{f.name}" for f in _FIELDS if f.default is MISSING and f.name not in values]
     if missing:
         raise ValueError(f"missing required flag(s): {', '.join(missing)}")

@@ -54,12 +54,17 @@ def process_image(img: Image.Image, processor: Any, image_aspect_ratio: str) -> 
 def load_records(data_path: str) -> list:
     """json.load the whole data file once (train.py L664); it must be a list of samples."""
     try:
-        with open(data_path) as f:
+        with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale says
             records = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data_path {data_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); save the file as UTF-8") from None  # fmt: skip
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from e
+        raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from None
     if not isinstance(records, list):
         raise ValueError(f"--data_path {data_path}: expected a JSON list of samples, got a {type(records).__name__}")
+    if not records:
+        raise ValueError(f"--data_path {data_path}: the list holds no samples")
     return records
 
 

@@ -123,13 +123,36 @@ def pretrained_state_dict(model_name_or_path: str, vision_tower: str) -> dict[st
 # ---------------------------------------------------------------------------------------------- mm_projector.bin
 
 
+ADAPTER_EXPECTED = "a stage-1 mm_projector.bin (torch.save of {name: tensor}, as train.py --stage 1 writes it)"
+
+
+def _read_adapter(path: str) -> dict[str, Tensor]:
+    """torch.load(weights_only=True) of --pretrain_mm_mlp_adapter; every way it can be wrong is one ValueError line
+    naming the file and what was expected (never torch's own advice to load untrusted pickles)."""
+    flag = f"--pretrain_mm_mlp_adapter {path}"
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: is a directory; expected {ADAPTER_EXPECTED}, e.g. {path}/mm_projector.bin")
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}: does not exist; expected {ADAPTER_EXPECTED}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{flag}: the file is empty; expected {ADAPTER_EXPECTED}")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, ... depending on the bytes (torch's advice is unsafe)
+        raise ValueError(f"{flag}: not a tensor file torch.load can read safely; expected {ADAPTER_EXPECTED}") from e
+    if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
+        got = type(weights).__name__ if not isinstance(weights, dict) else "a dict with non-tensor values"
+        raise ValueError(f"{flag}: holds {got}; expected {ADAPTER_EXPECTED}")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{flag}: NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]} (did stage 1 diverge?)")
+    return weights
+
+
 def read_mm_projector(model: nn.Module, path: str) -> dict[str, Tensor]:
     """LLaVA's mm_projector.bin as {mm_projector.*: tensor in the param dtype}, checked against model.mm_projector
     (shapes and dtypes only: a meta-device model will do)."""
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"--pretrain_mm_mlp_adapter {path}: file not found") from None
+    weights = _read_adapter(path)
     # llava/model/llava_arch.py initialize_vision_modules: keys after the last "mm_projector."
     weights = {k.split("mm_projector.")[-1]: v for k, v in weights.items() if "mm_projector." in k}
     expected = model.mm_projector.state_dict()
@@ -154,11 +177,16 @@ def load_mm_projector(model: nn.Module, path: str) -> None:
     model.mm_projector.load_state_dict({k.removeprefix("mm_projector."): v for k, v in weights.items()}, strict=True)
 
 
+def _projector_holder(projector_type: str, vision_config, llm_config) -> nn.Module:
+    holder = nn.Module()  # read_mm_projector / load_mm_projector take any module with an .mm_projector
+    holder.mm_projector = build_projector(projector_type, vision_config.hidden_size, llm_config.hidden_size)
+    return holder
+
+
 def projector_state(projector_type: str, vision_config, llm_config, adapter: str | None = None) -> dict[str, Tensor]:
     """mm_projector.* weights of a new projector: PyTorch's default init from the global RNG (as LLaVA), or those
     of the `adapter` mm_projector.bin."""
-    holder = nn.Module()  # read_mm_projector / load_mm_projector take any module with an .mm_projector
-    holder.mm_projector = build_projector(projector_type, vision_config.hidden_size, llm_config.hidden_size)
+    holder = _projector_holder(projector_type, vision_config, llm_config)
     if adapter:
         load_mm_projector(holder, adapter)
     return holder.state_dict()
@@ -371,8 +399,18 @@ def run_settings(cfg) -> LlavaSettings:
 
 
 def check_paths(cfg) -> None:
-    """Start-up checks that read the disk (config.py validates without it); ValueError naming the flag."""
-    m = cfg.model
+    """Start-up checks that read the disk (config.py validates without it), before any model is loaded: every path
+    exists, and --pretrain_mm_mlp_adapter is a readable, finite projector of the run's shapes; ValueError naming
+    the flag."""
+    m, d = cfg.model, cfg.data
+    paths = {"model_name_or_path": (m.model_name_or_path, "folder"), "vision_tower": (m.vision_tower, "folder"),
+             "data_path": (d.data_path, "file"), "image_folder": (d.image_folder, "folder")}  # fmt: skip
+    for flag, (path, kind) in paths.items():
+        if path is not None and not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
+            why = "does not exist" if not os.path.exists(path) else f"is not a {kind}"
+            raise ValueError(f"--{flag} {path}: {why} (a local {kind} is expected)")
+    if os.path.isfile(cfg.train.output_dir):
+        raise ValueError(f"--output_dir {cfg.train.output_dir}: is a file, not a folder")
     # LLaVA silently starts stage 2 from a random projector when the adapter path is forgotten (its default
     # is None), which wastes a whole finetune. We refuse unless the user opts in with --init_projector random;
     # a llava-hf / LLaVA stage-2 folder as --model_name_or_path brings its projector.
@@ -383,6 +421,11 @@ def check_paths(cfg) -> None:
             "(--tune_mm_mlp_adapter False, i.e. stage 2): pass the stage-1 output_dir/mm_projector.bin, "
             "or --init_projector random to start from a random projector on purpose (what LLaVA does silently)"
         )
+    if m.pretrain_mm_mlp_adapter is not None:  # read here by every rank, so a bad file stops them all at once
+        llm_config, vision_config = run_configs(cfg)
+        with torch.device("meta"):
+            holder = _projector_holder(m.mm_projector_type, vision_config, llm_config)
+        read_mm_projector(holder, m.pretrain_mm_mlp_adapter)
 
 
 def run_configs(cfg) -> tuple[LlamaConfig, CLIPVisionConfig]:

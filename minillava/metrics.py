@@ -130,8 +130,10 @@ class MetricsLogger:
             self.bar.update(1)
 
     def close(self) -> None:
+        """End the progress bar, the JSONL file and wandb; idempotent (train.main also calls it on errors)."""
         if not self.enabled:
             return
+        self.enabled = False
         self.bar.close()
         self.file.close()
         if self.wandb is not None:

@@ -244,7 +244,11 @@ def test_ignored_flag_tables_are_disjoint_from_fields() -> None:
 # ---------------------------------------------------------------- validation
 
 
-def test_stage2_requires_adapter_unless_random_projector() -> None:
+def test_stage2_requires_adapter_unless_random_projector(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # PATHS exist here: check_paths looks at them first
+    for folder in ("m", "clip", "img"):
+        os.mkdir(folder)
+    open("d.json", "w").close()
     cfg = parse(*PATHS, "--stage", "2")  # parse_args reads no file: the rule is checked at start-up
     with pytest.raises(ValueError, match=r"--pretrain_mm_mlp_adapter.*--init_projector random"):
         check_paths(cfg)

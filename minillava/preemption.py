@@ -1,0 +1,85 @@
+"""Stopping cleanly when the job is being taken away: SIGTERM, which SLURM, Kubernetes and torchrun send before they
+kill a job, and a torchrun agent that died (kill -9) under its workers.
+
+Either one only sets a flag (StopRequest.reason). train.py folds the flag into the all-reduce every step already
+makes, so all ranks see it after the same step; there they write a checkpoint and exit with EXIT_CODE, and the
+same command with --resume_from_checkpoint auto continues as if nothing happened. Mind the grace period: torchrun
+SIGKILLs its workers 30 s after forwarding SIGTERM (SLURM: KillWait, Kubernetes: terminationGracePeriodSeconds),
+so one step plus one checkpoint save must fit in it.
+"""
+
+import atexit
+import multiprocessing
+import os
+import signal
+import threading
+
+EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
+AGENT_POLL_S = 1.0  # how often a torchrun worker checks that its agent is alive
+AGENT_GRACE_S = 300.0  # a worker orphaned by its agent that has not stopped by then exits at once
+
+
+class Preempted(Exception):
+    """Raised by train.main after the preemption checkpoint is written; the message says how to resume."""
+
+
+class StopRequest:
+    """Catches SIGTERM in this (main) thread and, under torchrun, watches the agent; `reason` is None until either
+    happens. close() puts the previous SIGTERM handler back. A second SIGTERM ends the process at once."""
+
+    def __init__(self, watch_agent: bool) -> None:
+        self.reason: str | None = None
+        self._closed = threading.Event()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if watch_agent:
+            threading.Thread(target=self._watch_agent, args=(os.getppid(),), daemon=True).start()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.reason == "SIGTERM":  # asked twice: do what SIGTERM does by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.reason = "SIGTERM"
+
+    def _watch_agent(self, agent: int) -> None:
+        """torchrun starts every worker in a session of its own, so a kill -9 of torchrun leaves them running: the
+        worker sees its parent change (it is re-parented) and asks the loop to stop."""
+        while not self._closed.wait(AGENT_POLL_S):
+            if os.getppid() != agent:
+                self.reason = self.reason or f"the torchrun agent (pid {agent}) died"
+                if os.environ.get("LOCAL_RANK", "0") == "0":
+                    print(f"{self.reason}: stopping after this step (a checkpoint is saved first)", flush=True)
+                if not self._closed.wait(AGENT_GRACE_S):
+                    print(f"rank {os.environ.get('RANK')}: not stopped {AGENT_GRACE_S:.0f} s after the agent died "
+                          "(waiting on a dead rank?): exiting", flush=True)  # fmt: skip
+                    os._exit(EXIT_CODE)
+                return
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SLURM signals every process of a job step, DataLoader workers included, and a
+    worker killed by it fails the trainer at once (DataLoader's SIGCHLD handler). The workers end with their trainer
+    instead: normally the DataLoader stops them; at exit, multiprocessing would SIGTERM (now ignored) and then
+    wait for them forever, so the trainer SIGKILLs the ones still running first (atexit runs the newest hook first)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    children = multiprocessing.active_children()  # DataLoader workers kept alive by an exception's traceback
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader's handler would report these kills as a failure
+    for child in children:
+        child.kill()
+
+
+atexit.register(_kill_leftover_workers)  # after multiprocessing.util's own exit hook (imported with torch), so first

@@ -1,0 +1,179 @@
+"""Faults a user meets at start-up and mid-run: one-line errors naming the flag, file or sample (train.cli), bad
+--pretrain_mm_mlp_adapter files, and SIGTERM (save, stop, resume exactly). The torchrun variants (2 ranks, a dead
+agent) are in test_checkpoint.py, beside the reference run they compare with."""
+
+import collections
+import json
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+from conftest import flags, losses
+
+import train
+from minillava.config import parse_args
+from minillava.formats import check_paths
+from minillava.preemption import EXIT_CODE, Preempted
+
+
+def _cli(argv, capsys):
+    code = train.cli(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stage": "3"}, "error: --stage 3: supported: 1 (pretrain.sh) or 2 (finetune.sh)\n"),
+        ({"model_name_or_path": "/no/such/vicuna"}, "error: --model_name_or_path /no/such/vicuna: does not exist"),
+        ({"vision_tower": "/no/clip"}, "error: --vision_tower /no/clip: does not exist (a local folder is expected)"),
+        ({"image_folder": "/no/images"}, "error: --image_folder /no/images: does not exist"),
+        ({"data_path": "/no/data.json"}, "error: --data_path /no/data.json: does not exist (a local file is expected)"),
+    ],
+)
+def test_start_up_errors_are_one_line_before_anything_is_loaded(assets, tmp_path, capsys, change, message):
+    """The flag, the path and what is wrong in one line on stderr; --stage is checked before the missing-flag list
+    (a bad --stage used to read "missing required flag(s)"); nothing is written to --output_dir."""
+    out = str(tmp_path / "o")
+    argv = flags(assets, out, **change) if "stage" not in change else ["--stage", "3", "--output_dir", out]
+    code, err = _cli(argv, capsys)
+    assert code == 1 and err.startswith(message) and err.count("\n") == 1, err
+    assert not os.path.exists(out)
+
+
+def test_start_up_errors_print_on_the_first_rank_of_each_node_only(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, err = _cli(flags(assets, str(tmp_path / "o"), model_name_or_path="/no/such"), capsys)
+    assert code == 1 and err == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the file is empty"),
+        ("dir", "is a directory; expected a stage-1 mm_projector.bin"),
+        ("list", "holds list; expected a stage-1 mm_projector.bin"),
+        ("str", "holds a dict with non-tensor values"),
+        (bytes(range(256)), "not a tensor file torch.load can read safely; expected"),
+        ("pickle", "not a tensor file torch.load can read safely"),
+        ("nan", r"NaN or inf values in 1 tensor\(s\), e.g. model.mm_projector.0.weight"),
+        ("shape", r"mm_projector.0.weight has shape \(3, 3\), the model expects \(32, 32\)"),
+    ],
+)
+def test_a_bad_adapter_file_is_named_with_what_was_expected(assets, tmp_path, content, message):
+    """Every rank reads --pretrain_mm_mlp_adapter in check_paths, before any model; torch's own error (with its
+    advice to load with weights_only=False) never reaches the user."""
+    path = str(tmp_path / "mm_projector.bin")
+    good = {f"model.mm_projector.{i}.{w}": torch.zeros(32, 32) if w == "weight" else torch.zeros(32)
+            for i in (0, 2) for w in ("weight", "bias")}  # fmt: skip
+    if isinstance(content, bytes):
+        with open(path, "wb") as f:
+            f.write(content)
+    elif content == "dir":
+        os.mkdir(path)
+    elif content == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"w": collections.Counter()}, f, protocol=2)  # a class the weights_only unpickler refuses
+    else:
+        bad = {
+            "list": [torch.zeros(2)],
+            "str": {"model.mm_projector.0.weight": "x"},
+            "nan": good | {"model.mm_projector.0.weight": torch.full((32, 32), float("nan"))},
+            "shape": good | {"model.mm_projector.0.weight": torch.zeros(3, 3)},
+        }[content]
+        torch.save(bad, path)
+    cfg = parse_args(flags(assets, str(tmp_path / "o"), pretrain_mm_mlp_adapter=path))
+    with pytest.raises(ValueError, match=f"^--pretrain_mm_mlp_adapter {path}: {message}") as e:
+        check_paths(cfg)
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_data_file_errors_name_the_file(assets, tmp_path, capsys):
+    latin1, empty = str(tmp_path / "latin1.json"), str(tmp_path / "empty.json")
+    with open(latin1, "wb") as f:
+        f.write('[{"id": "café", "conversations": []}]'.encode("latin-1"))
+    with open(empty, "w") as f:
+        json.dump([], f)
+    code, err = _cli(flags(assets, str(tmp_path / "a"), data_path=latin1), capsys)
+    assert code == 1 and err == f"error: --data_path {latin1}: not UTF-8 text (byte 0xe9 at offset 12); save the " \
+        "file as UTF-8\n"  # fmt: skip
+    code, err = _cli(flags(assets, str(tmp_path / "b"), data_path=empty), capsys)
+    assert code == 1 and err == f"error: --data_path {empty}: the list holds no samples\n"
+
+
+def test_a_bad_sample_mid_run_is_one_line_from_the_rank_that_read_it(assets, tmp_path, capsys, monkeypatch):
+    """The image folder exists but a sample's image is missing (found only when the sample is read): the DataLoader
+    worker's error (a traceback inside its message) becomes one line naming the sample and file, printed even by a
+    rank other than the first."""
+    images = tmp_path / "images"
+    images.mkdir()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank that does not print start-up errors
+    code, err = _cli(flags(assets, str(tmp_path / "o"), image_folder=str(images), dataloader_num_workers=1), capsys)
+    line = err.splitlines()[-1] + "\n"  # after the progress bar (ended by main)
+    assert code == 1 and err.endswith("it/s]\n" + line), err
+    assert line.startswith("error: sample ") and f"cannot read image {images}" in line
+
+
+def _sigterm_at(step):
+    """train_step that sends this process a real SIGTERM during optimizer step `step` (1-based)."""
+    calls = []
+
+    def step_fn(*args, **kw):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    real = train.train_step
+    return step_fn
+
+
+def test_sigterm_saves_a_checkpoint_stops_and_resume_continues_exactly(assets, tmp_path, capsys, monkeypatch):
+    """SIGTERM during step 2 of 5: the step finishes, checkpoint-2 is written, exit code 143 with the resume hint;
+    --resume_from_checkpoint auto then gives the uninterrupted run's losses. Before, SIGTERM killed the process
+    and everything since the last --save_steps was lost."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "o")
+    common = dict(max_steps=5, save_steps=0, logging_steps=1)
+    train.main(flags(assets, ref, **common))
+    monkeypatch.setattr(train, "train_step", _sigterm_at(2))
+    code, err = _cli(flags(assets, out, **common), capsys)
+    assert code == EXIT_CODE
+    hint = f"saved {os.path.join(out, 'checkpoint-2')}; to continue, run the same command with --resume_from_checkpoint"
+    assert err.endswith(f"\nstopped after step 2 of 5 (SIGTERM): {hint} auto\n"), err
+    assert sorted(os.listdir(out)).count("checkpoint-2") == 1 and not os.path.exists(os.path.join(out, "config.json"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the default handler back
+    monkeypatch.undo()
+    train.main(flags(assets, out, resume_from_checkpoint="auto", **common))
+    assert losses(out) == losses(ref)
+
+
+def test_sigterm_in_the_last_step_finishes_the_run(assets, tmp_path, monkeypatch):
+    out = str(tmp_path / "o")
+    monkeypatch.setattr(train, "train_step", _sigterm_at(3))
+    train.main(flags(assets, out, max_steps=3, save_steps=0))  # no Preempted: the final outputs are written
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint")]
+
+
+def test_preempted_is_raised_by_main(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "train_step", _sigterm_at(1))
+    with pytest.raises(Preempted, match="stopped after step 1 of 3"):
+        train.main(flags(assets, str(tmp_path / "o"), save_steps=0))
+
+
+def test_an_uncaught_error_with_dataloader_workers_exits(assets, tmp_path):
+    """DataLoader workers ignore SIGTERM (SLURM signals them too); a crash whose traceback keeps them alive must
+    still exit: multiprocessing's exit hook would SIGTERM them and wait forever (it hung before the atexit kill)."""
+    import subprocess
+    import sys
+
+    paths = {k: str(v) for k, v in assets.items()}
+    code = ("import train; from conftest import flags; "
+            f"train.main(flags({paths!r}, {str(tmp_path / 'o')!r}, image_folder={str(tmp_path)!r}, "
+            "dataloader_num_workers=1))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(train.__file__), os.path.dirname(__file__)])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1].count("train.SampleError: sample 11") == 1
