@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
@@ -21,6 +22,8 @@ from minillava.layout import supervised_tokens
 logger = logging.getLogger(__name__)
 ASPECT_RATIOS = ("pad", "square")
 IMAGE_LENGTH = 128  # what `lengths` adds for a sample with an image (train.py L679)
+# Modes whose convert("RGB") gives sensible pixels: kept exactly as LLaVA's (alpha, palette transparency dropped).
+RGB_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA")
 
 
 def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -34,11 +37,34 @@ def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.I
     return out
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB: LLaVA's img.convert("RGB") (train.py L697) for RGB_MODES, alpha and palette transparency
+    dropped as there. convert() clips deeper greyscale to white, so I;16* keep their high byte, I is taken as 16-bit
+    (Pillow decodes 16-bit PGM to I as 0..65535), and F as 0..1 (rounded) if its maximum is at most 1, else as
+    0..255 (PIL's convert(), as before). ValueError for any other mode."""
+    if img.mode in RGB_MODES:
+        return img.convert("RGB")
+    if img.mode == "F":
+        if img.getextrema()[1] <= 1:
+            img = img.point(lambda v: v * 255 + 0.5)  # + 0.5: convert() truncates
+        return img.convert("RGB")
+    if img.mode == "I":
+        low, high = img.getextrema()
+        if low < 0 or high > 65535:
+            raise ValueError("PIL mode 'I' with values outside 0..65535 is not supported (convert it to RGB)")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)).convert("RGB")
+    raise ValueError(f"PIL mode {img.mode!r} is not supported (convert it to RGB)")
+
+
 def open_image(path: str) -> Image.Image:
-    """Open an image as RGB (train.py L697); ValueError naming the file if it is missing or unreadable."""
+    """Open an image as RGB (train.py L697); ValueError naming the file if it is missing, unreadable or of an
+    unsupported mode."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
+    except ValueError as e:  # ours (mode), or PIL's own for some damaged files
+        raise ValueError(f"cannot read image {path}: {e}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... depending on the format and damage
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
