@@ -22,6 +22,13 @@ from minillava.layout import supervised_tokens
 logger = logging.getLogger(__name__)
 ASPECT_RATIOS = ("pad", "square")
 IMAGE_LENGTH = 128  # what `lengths` adds for a sample with an image (train.py L679)
+# What one image may cost, checked from its file's header before any pixel is decoded. LLaVA-665K's images are at most
+# a few thousand pixels a side and rarely wider than 4:1: these bounds reject only pathological files.
+# Pixels of the decoded image and, under pad, of its square canvas: 192 MB as RGB, below the 89M pixels at which PIL
+# warns of a decompression bomb (Image.MAX_IMAGE_PIXELS).
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Longer side over shorter. Under square the processor scales the shorter side to 336: at most 33600x336.
+MAX_ASPECT_RATIO = 100
 # Modes whose convert("RGB") gives sensible pixels: kept exactly as LLaVA's (alpha, palette transparency dropped).
 RGB_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA")
 
@@ -35,6 +42,20 @@ def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.I
     out = Image.new(img.mode, (side, side), background)
     out.paste(img, ((side - width) // 2, (side - height) // 2))
     return out
+
+
+def check_image_size(width: int, height: int, image_aspect_ratio: str) -> None:
+    """ValueError if an image of this size, or what `image_aspect_ratio` makes of it, is over the bounds above."""
+    long, short = max(width, height), max(min(width, height), 1)
+    if long > MAX_ASPECT_RATIO * short:
+        raise ValueError(f"{width}x{height} has aspect ratio {long / short:g}:1, over the limit of "
+                         f"{MAX_ASPECT_RATIO}:1 (crop it)")  # fmt: skip
+    if image_aspect_ratio == "pad" and long * long > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} pads to {long}x{long} = {long * long:,} pixels, over the limit of "
+                         f"{MAX_IMAGE_PIXELS:,} (downscale it)")  # fmt: skip
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
+                         "(downscale it)")  # fmt: skip
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -57,14 +78,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     raise ValueError(f"PIL mode {img.mode!r} is not supported (convert it to RGB)")
 
 
-def open_image(path: str) -> Image.Image:
-    """Open an image as RGB (train.py L697); ValueError naming the file if it is missing, unreadable or of an
-    unsupported mode."""
+def open_image(path: str, image_aspect_ratio: str = "square") -> Image.Image:
+    """Open an image as RGB (train.py L697), its size checked from the header before any pixel is decoded; ValueError
+    naming the file if it is missing, unreadable, too large for `image_aspect_ratio` or of an unsupported mode."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # lazy: reads the header only
+            check_image_size(img.width, img.height, image_aspect_ratio)
             return to_rgb(img)
-    except ValueError as e:  # ours (mode), or PIL's own for some damaged files
+    except ValueError as e:  # ours (size, mode), or PIL's own for some damaged files
         raise ValueError(f"cannot read image {path}: {e}") from None
+    except Image.DecompressionBombError as e:  # over 2 x Image.MAX_IMAGE_PIXELS: refused by Image.open itself
+        raise ValueError(f"cannot read image {path}: {e} (downscale it)") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... depending on the format and damage
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -163,7 +187,7 @@ class LazySupervisedDataset(Dataset):
         if not isinstance(record["image"], str) or self.image_folder is None:
             raise ValueError(f"{where}: 'image' must be a path relative to --image_folder, got {record['image']!r}")
         try:
-            img = open_image(os.path.join(self.image_folder, record["image"]))
+            img = open_image(os.path.join(self.image_folder, record["image"]), self.image_aspect_ratio)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         return process_image(img, self.image_processor, self.image_aspect_ratio)

@@ -9,14 +9,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import draw_shape
+from conftest import draw_shape, write_png_header
 from PIL import Image
 
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.conversation import preprocess
 from minillava.data import (
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
     DataCollator,
     LazySupervisedDataset,
+    check_image_size,
     expand2square,
     load_image_processor,
     load_tokenizer,
@@ -162,6 +165,42 @@ def test_unsupported_modes_are_rejected_by_name(tmp_path):
         assert to_rgb(img).tobytes() == img.convert("RGB").tobytes()
 
 
+def test_size_bounds_are_checked_from_the_header(tmp_path):
+    """Extreme sizes are refused from the header alone (each file here decodes as truncated), naming size and limit;
+    under pad the square canvas counts, under square the shortest-edge resize (bounded by the aspect ratio)."""
+    for size in ((640, 480), (4000, 1000), (6000, 4000), (1080, 8192), (1000, 10)):  # COCO, panorama, camera, ...
+        for aspect in ("pad", "square"):
+            check_image_size(*size, aspect)
+    cases = [
+        ((30000, 8), "square", rf"30000x8 has aspect ratio 3750:1, over the limit of {MAX_ASPECT_RATIO}:1 \(crop it\)"),
+        ((30000, 8), "pad", "30000x8 has aspect ratio 3750:1"),
+        ((10, 100000), "pad", "10x100000 has aspect ratio 10000:1"),
+        ((1011, 10), "square", "1011x10 has aspect ratio 101.1:1"),
+        ((8193, 8000), "pad", rf"8193x8000 pads to 8193x8193 = 67,125,249 pixels, over the limit of "
+                              rf"{MAX_IMAGE_PIXELS:,} \(downscale it\)"),
+        ((9000, 8000), "square", "9000x8000 = 72,000,000 pixels, over the limit"),
+    ]  # fmt: skip
+    for (w, h), aspect, match in cases:
+        write_png_header(tmp_path / "big.png", w, h)
+        with pytest.raises(ValueError, match=rf"^cannot read image .*big.png: {match}"):
+            open_image(str(tmp_path / "big.png"), aspect)
+    write_png_header(tmp_path / "big.png", 8193, 8000)  # within the bounds under square: decoded, found truncated
+    with pytest.raises(ValueError, match="truncated"):
+        open_image(str(tmp_path / "big.png"), "square")
+
+
+def test_decompression_bombs_get_the_same_error(tmp_path):
+    """PIL warns above Image.MAX_IMAGE_PIXELS (below it, our own bound refuses the image) and refuses twice that."""
+    write_png_header(tmp_path / "bomb.png", 10000, 9000)
+    over = r"^cannot read image .*bomb.png: 10000x9000 = 90,000,000 pixels, over the limit"
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ValueError, match=over):
+        open_image(str(tmp_path / "bomb.png"))
+    write_png_header(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(ValueError, match=r"^cannot read image .*bomb.png: Image size \(400000000 pixels\) exceeds "
+                                         r"limit .*\(downscale it\)$"):  # fmt: skip
+        open_image(str(tmp_path / "bomb.png"))
+
+
 # ---------------------------------------------------------------- tokenizer setup
 
 
@@ -298,12 +337,14 @@ GOOD = {"id": "good", "conversations": [H("Hi?"), G("Yes.")]}
         ({"id": "tok", "conversations": [H("<image>\nHi?"), G("Yes.")]}, "no 'image' key"),
         ({"id": "notok", "image": "img.png", "conversations": [H("Hi?"), G("Yes.")]}, "exactly one <image>"),
         ({"id": "path", "image": ["img.png"], "conversations": [H("<image>\nHi?"), G("Yes.")]}, "relative to"),
+        ({"id": "wide", "image": "wide.png", "conversations": [H("<image>\nHi?"), G("Yes.")]}, "30000x8 has aspect"),
         ({"id": "deep", "image": "deep.tif", "conversations": [H("<image>\nHi?"), G("Yes.")]}, "PIL mode 'I'"),
     ],
 )
 def test_bad_records_name_index_id_and_file(tmp_path, tokenizer, image_processor, record, match):
     ds = make_dataset(tmp_path, [GOOD, record], tokenizer, image_processor)
     (tmp_path / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    write_png_header(tmp_path / "images" / "wide.png", 30000, 8)
     Image.fromarray(np.array([[0, 1 << 20]], dtype=np.int32)).save(tmp_path / "images" / "deep.tif")
     ds[0]
     with pytest.raises(ValueError, match=match) as err:
