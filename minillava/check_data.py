@@ -3,9 +3,10 @@
     python -m minillava.check_data --data_path llava_v1_5_mix665k.json --image_folder ./playground/data \\
         [--version v1] [--model_name_or_path VICUNA_DIR] [--vision_tower CLIP_DIR --image_aspect_ratio pad]
 
-Always checked: record structure, turns (for --version), word counts, image files (exist, PIL verify()). With a
+Always checked: record structure, turns (for --version), word counts, and every image decoded as training decodes it
+(minillava.data.open_image: readable, a supported PIL mode, within the size bounds for --image_aspect_ratio). With a
 tokenizer: tokenization, label placement, samples left with no supervised token after truncation. With
---vision_tower: the full image preprocessing (slower). Prints every bad record (index, id, reason); exits 1 if any."""
+--vision_tower: the CLIP processor as well. Prints every bad record (index, id, reason); exits 1 if any."""
 
 import argparse
 import os
@@ -14,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from minillava.constants import IGNORE_INDEX
@@ -31,15 +31,6 @@ from minillava.data import (
 from minillava.layout import supervised_tokens
 
 BLOCK = 2048  # records handed to the thread pool at a time (bounded memory, a live progress bar)
-
-
-def verify_image(path: str) -> None:
-    """Cheap integrity check without decoding pixels; ValueError naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as e:  # missing file, unknown format, truncated or corrupt data
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def check_record(record: Any, args: argparse.Namespace, tokenizer: Any, processor: Any) -> str | None:
@@ -61,11 +52,9 @@ def check_record(record: Any, args: argparse.Namespace, tokenizer: Any, processo
         if has_image:
             if not isinstance(record["image"], str) or args.image_folder is None:
                 return f"'image' must be a path relative to --image_folder, got {record['image']!r}"
-            path = os.path.join(args.image_folder, record["image"])
-            if processor is None:
-                verify_image(path)
-            else:
-                process_image(open_image(path), processor, args.image_aspect_ratio)
+            img = open_image(os.path.join(args.image_folder, record["image"]), args.image_aspect_ratio)
+            if processor is not None:
+                process_image(img, processor, args.image_aspect_ratio)
     except ValueError as e:  # includes TokenizationMismatch
         return str(e)
     return None
@@ -80,10 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model_name_or_path", "--tokenizer", dest="model_name_or_path", default=None)
     p.add_argument("--model_max_length", type=int, default=2048)
     p.add_argument("--vision_tower", default=None, help="run the CLIP processor on every image (slower)")
-    p.add_argument("--image_aspect_ratio", default="pad", choices=ASPECT_RATIOS)
+    p.add_argument("--image_aspect_ratio", default="pad", choices=ASPECT_RATIOS,
+                   help="as for training: sets the image size bound (pad: the square canvas) and the preprocessing")
     p.add_argument("--image_tokens", type=int, default=None,
                    help="LLM positions one <image> takes (default: from --vision_tower's config, else 576, CLIP-L/336)")
-    p.add_argument("--num_workers", type=int, default=8, help="threads (image I/O dominates)")
+    p.add_argument("--num_workers", type=int, default=8, help="threads (image decoding dominates)")
     return p.parse_args(argv)
 
 
@@ -115,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, reason in bad:
         rid = records[i].get("id", "?") if isinstance(records[i], dict) else "?"
         print(f"BAD sample {i} id={rid!r}: {reason}")
-    checks = ["structure", "image files"] + ["tokenization"] * bool(tokenizer) + ["pixels"] * bool(processor)
+    checks = ["structure", "decoded images"] + ["tokenization"] * bool(tokenizer) + ["pixels"] * bool(processor)
     checks_str = ", ".join(checks)
     print(f"{args.data_path}: {len(bad)} bad of {len(records)} samples (checked {checks_str}; version {args.version})")
     return 1 if bad else 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
@@ -21,6 +22,15 @@ from minillava.layout import supervised_tokens
 logger = logging.getLogger(__name__)
 ASPECT_RATIOS = ("pad", "square")
 IMAGE_LENGTH = 128  # what `lengths` adds for a sample with an image (train.py L679)
+# What one image may cost, checked from its file's header before any pixel is decoded. LLaVA-665K's images are at most
+# a few thousand pixels a side and rarely wider than 4:1: these bounds reject only pathological files.
+# Pixels of the decoded image and, under pad, of its square canvas: 192 MB as RGB, below the 89M pixels at which PIL
+# warns of a decompression bomb (Image.MAX_IMAGE_PIXELS).
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Longer side over shorter. Under square the processor scales the shorter side to 336: at most 33600x336.
+MAX_ASPECT_RATIO = 100
+# Modes whose convert("RGB") gives sensible pixels: kept exactly as LLaVA's (alpha, palette transparency dropped).
+RGB_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA")
 
 
 def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -34,11 +44,51 @@ def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.I
     return out
 
 
-def open_image(path: str) -> Image.Image:
-    """Open an image as RGB (train.py L697); ValueError naming the file if it is missing or unreadable."""
+def check_image_size(width: int, height: int, image_aspect_ratio: str) -> None:
+    """ValueError if an image of this size, or what `image_aspect_ratio` makes of it, is over the bounds above."""
+    long, short = max(width, height), max(min(width, height), 1)
+    if long > MAX_ASPECT_RATIO * short:
+        raise ValueError(f"{width}x{height} has aspect ratio {long / short:g}:1, over the limit of "
+                         f"{MAX_ASPECT_RATIO}:1 (crop it)")  # fmt: skip
+    if image_aspect_ratio == "pad" and long * long > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} pads to {long}x{long} = {long * long:,} pixels, over the limit of "
+                         f"{MAX_IMAGE_PIXELS:,} (downscale it)")  # fmt: skip
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
+                         "(downscale it)")  # fmt: skip
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB: LLaVA's img.convert("RGB") (train.py L697) for RGB_MODES, alpha and palette transparency
+    dropped as there. convert() clips deeper greyscale to white, so I;16* keep their high byte, I is taken as 16-bit
+    (Pillow decodes 16-bit PGM to I as 0..65535), and F as 0..1 (rounded) if its maximum is at most 1, else as
+    0..255 (PIL's convert(), as before). ValueError for any other mode."""
+    if img.mode in RGB_MODES:
+        return img.convert("RGB")
+    if img.mode == "F":
+        if img.getextrema()[1] <= 1:
+            img = img.point(lambda v: v * 255 + 0.5)  # + 0.5: convert() truncates
+        return img.convert("RGB")
+    if img.mode == "I":
+        low, high = img.getextrema()
+        if low < 0 or high > 65535:
+            raise ValueError("PIL mode 'I' with values outside 0..65535 is not supported (convert it to RGB)")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)).convert("RGB")
+    raise ValueError(f"PIL mode {img.mode!r} is not supported (convert it to RGB)")
+
+
+def open_image(path: str, image_aspect_ratio: str = "square") -> Image.Image:
+    """Open an image as RGB (train.py L697), its size checked from the header before any pixel is decoded; ValueError
+    naming the file if it is missing, unreadable, too large for `image_aspect_ratio` or of an unsupported mode."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with Image.open(path) as img:  # lazy: reads the header only
+            check_image_size(img.width, img.height, image_aspect_ratio)
+            return to_rgb(img)
+    except ValueError as e:  # ours (size, mode), or PIL's own for some damaged files
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    except Image.DecompressionBombError as e:  # over 2 x Image.MAX_IMAGE_PIXELS: refused by Image.open itself
+        raise ValueError(f"cannot read image {path}: {e} (downscale it)") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... depending on the format and damage
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -142,7 +192,7 @@ class LazySupervisedDataset(Dataset):
         if not isinstance(record["image"], str) or self.image_folder is None:
             raise ValueError(f"{where}: 'image' must be a path relative to --image_folder, got {record['image']!r}")
         try:
-            img = open_image(os.path.join(self.image_folder, record["image"]))
+            img = open_image(os.path.join(self.image_folder, record["image"]), self.image_aspect_ratio)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         return process_image(img, self.image_processor, self.image_aspect_ratio)

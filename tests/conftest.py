@@ -4,6 +4,8 @@ Llama/CLIP configs, PIL images and a LLaVA-format JSON. Nothing is downloaded (H
 import json
 import os
 import random
+import struct
+import zlib
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -97,6 +99,18 @@ def write_llava_dataset(
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     return path, image_folder
+
+
+def write_png_header(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (8-bit RGB) over a few bytes of pixel data: Image.open reads the size
+    (it is lazy) and verify() passes, but decoding fails as truncated. A size bound must reject it before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from conftest import write_png_header
 from PIL import Image
 
+import minillava.data
 from minillava.check_data import main
 
 
@@ -67,7 +70,7 @@ def test_tokenizer_checks_find_fully_masked_samples(tmp_path, tokenizer_dir, cap
     assert main([*argv, "--model_name_or_path", tokenizer_dir, "--model_max_length", "64", *tiny]) == 1
     out = capsys.readouterr().out
     assert "BAD sample 2 id='long': no supervised tokens within --model_max_length 64" in out
-    assert "1 bad of 3 samples (checked structure, image files, tokenization;" in out
+    assert "1 bad of 3 samples (checked structure, decoded images, tokenization;" in out
     assert main([*argv, "--tokenizer", tokenizer_dir, "--model_max_length", "2048"]) == 0
     # CLIP-L/336's 576 image tokens (the default) push the image sample's short answer past 64 positions too
     assert main([*argv, "--model_name_or_path", tokenizer_dir, "--model_max_length", "64"]) == 1
@@ -80,9 +83,37 @@ def test_version_rules_and_vision_tower(tmp_path, tokenizer_dir, image_processor
     image_processor.save_pretrained(tmp_path / "clip")
     extra = ["--vision_tower", str(tmp_path / "clip"), "--image_aspect_ratio", "pad"]
     assert main([*argv, "--version", "v1", "--model_name_or_path", tokenizer_dir, *extra]) == 0
-    assert "checked structure, image files, tokenization, pixels; version v1" in capsys.readouterr().out
+    assert "checked structure, decoded images, tokenization, pixels; version v1" in capsys.readouterr().out
     assert main([*argv, "--version", "plain"]) == 1  # plain captions need an image in every sample
     assert "BAD sample 1 id='text': " in capsys.readouterr().out
+
+
+def test_images_are_decoded_as_training_decodes_them(tmp_path, capsys):
+    """PIL verify() passes all three bad files here; training's open_image refuses each, so check_data must too."""
+    images = ["truncated.png", "wide.png", "deep.tif", "grey16.png"]
+    argv = write(tmp_path, [{"id": x, "image": x, "conversations": [H("<image>\nHi?"), G("Yes.")]} for x in images])
+    folder = tmp_path / "images"
+    write_png_header(folder / "truncated.png", 40, 30)
+    write_png_header(folder / "wide.png", 30000, 8)
+    Image.fromarray(np.array([[0, 1 << 20]], dtype=np.int32)).save(folder / "deep.tif")
+    Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(folder / "grey16.png")  # fine: scaled to 8 bits
+    assert main([*argv, "--num_workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD sample 0 id='truncated.png': cannot read image " in out and "truncated" in out
+    assert "BAD sample 1 id='wide.png': cannot read image " in out and "30000x8 has aspect ratio 3750:1" in out
+    assert "BAD sample 2 id='deep.tif': cannot read image " in out and "PIL mode 'I' with values outside" in out
+    assert "3 bad of 4 samples" in out
+
+
+def test_size_bound_is_training_rule_for_the_aspect_ratio(tmp_path, monkeypatch, capsys):
+    """One home for the rule: data.py's bound, with the canvas counted under pad only (ok.png is 40x30)."""
+    monkeypatch.setattr(minillava.data, "MAX_IMAGE_PIXELS", 40 * 30)
+    argv = write(tmp_path, GOOD[:1])
+    assert main([*argv, "--image_aspect_ratio", "square"]) == 0
+    assert main([*argv, "--image_aspect_ratio", "pad"]) == 1
+    assert "BAD sample 0 id='img': cannot read image " in capsys.readouterr().out
+    assert main([*argv]) == 1  # pad, LLaVA-1.5's finetuning setting, is the default
+    assert "40x30 pads to 40x40 = 1,600 pixels, over the limit of 1,200 (downscale it)" in capsys.readouterr().out
 
 
 def test_unusable_input_exits_two(tmp_path, capsys):

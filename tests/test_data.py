@@ -6,20 +6,26 @@ import pickle
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from conftest import draw_shape
+from conftest import draw_shape, write_png_header
 from PIL import Image
 
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.conversation import preprocess
 from minillava.data import (
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
     DataCollator,
     LazySupervisedDataset,
+    check_image_size,
     expand2square,
     load_image_processor,
     load_tokenizer,
+    open_image,
     process_image,
+    to_rgb,
 )
 
 CLIP_MEAN_RGB = (122, 116, 104)  # tuple(int(x * 255) for x in OpenAI CLIP's image_mean), train.py expand2square
@@ -92,6 +98,107 @@ def test_load_image_processor_roundtrip(tmp_path, image_processor):
     assert isinstance(loaded, CLIPImageProcessorPil)
     img = draw_shape("blue", "triangle", size=(30, 44))
     assert torch.equal(process_image(img, loaded, "pad"), process_image(img, image_processor, "pad"))
+
+
+# ---------------------------------------------------------------- image files: PIL modes, size bounds
+
+LEVELS = np.arange(0, 256, 17, dtype=np.uint8).reshape(4, 4)  # 16 grey levels, 0..255
+DEEP = np.array([[0, 255, 256, 32767, 32768, 65279, 65280, 65535]])  # 16-bit values: their high byte is the 8-bit one
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels", "mode", "expected"),
+    [
+        ("levels.png", LEVELS.astype(np.uint16) * 257, "I;16", LEVELS),  # 16-bit greyscale PNG
+        ("deep.png", DEEP.astype(np.uint16), "I;16", DEEP >> 8),
+        ("deep.tif", DEEP.astype(">u2"), "I;16B", DEEP >> 8),
+        ("deep.pgm", DEEP.astype(np.uint16), "I", DEEP >> 8),  # Pillow decodes 16-bit PGM to I, 0..65535
+        ("deep32.tif", DEEP.astype(np.int32), "I", DEEP >> 8),
+        ("unit.tif", LEVELS.astype(np.float32) / 255, "F", LEVELS),  # floats in 0..1
+    ],
+)
+def test_deep_greyscale_is_scaled_not_clipped(tmp_path, name, pixels, mode, expected):
+    """convert("RGB") clips every value over 255 to white (and floats in 0..1 to black): these keep their levels."""
+    Image.fromarray(pixels).save(tmp_path / name)
+    assert Image.open(tmp_path / name).mode == mode
+    img = open_image(str(tmp_path / name))
+    assert img.mode == "RGB" and img.tobytes() == Image.fromarray(expected.astype(np.uint8)).convert("RGB").tobytes()
+
+
+def save_as(mode, path, **kw):
+    """A drawn RGB picture in PIL mode `mode`, saved to `path`."""
+    img = draw_shape("red", "circle", size=(20, 12))
+    if mode == "P+transparency":  # palette with a transparent index, as many web GIFs and PNGs have
+        img, kw = img.convert("P"), {**kw, "transparency": 0}
+    elif mode == "F":  # floats in 0..255: PIL's convert() as before
+        img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.float32) + 0.6)
+    elif mode == "frames":  # first frame, as Image.open gives it
+        img, kw = img.convert("P"), {**kw, "save_all": True, "append_images": [Image.new("P", img.size, 3)]}
+    else:
+        img = img.convert(mode)
+    img.save(path, **kw)
+
+
+@pytest.mark.parametrize(
+    ("mode", "name"),
+    [("1", "a.png"), ("L", "a.png"), ("P", "a.png"), ("P+transparency", "a.png"), ("RGB", "a.jpg"),
+     ("RGBA", "a.png"), ("LA", "a.png"), ("PA", "a.tif"), ("CMYK", "a.jpg"), ("YCbCr", "a.tif"), ("LAB", "a.tif"),
+     ("F", "a.tif"), ("frames", "a.gif"), ("frames", "a.tif")],
+)  # fmt: skip
+def test_other_modes_are_llava_convert_rgb(tmp_path, mode, name):
+    """Fidelity: every mode LLaVA's convert("RGB") (train.py L697) handles sensibly gives exactly its pixels."""
+    path = tmp_path / name
+    save_as(mode, path)
+    assert open_image(str(path)).tobytes() == Image.open(path).convert("RGB").tobytes()
+
+
+def test_unsupported_modes_are_rejected_by_name(tmp_path):
+    for name, values in (("big.tif", [[0, 70000]]), ("signed.tif", [[-1, 5]])):  # 32-bit data, no one 8-bit scale
+        Image.fromarray(np.array(values, dtype=np.int32)).save(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^cannot read image .*{name}: PIL mode 'I' with values outside 0..65535 "
+                                             r"is not supported \(convert it to RGB\)$"):  # fmt: skip
+            open_image(str(tmp_path / name))
+    with pytest.raises(ValueError, match=r"^PIL mode 'La' is not supported \(convert it to RGB\)$"):
+        to_rgb(Image.new("La", (4, 4)))  # premultiplied grey + alpha: convert("RGB") raises
+    for mode in ("HSV", "RGBa", "RGBX"):  # in-memory modes convert() handles: as it does
+        img = Image.new(mode, (2, 2), (200, 100, 50, 128) if mode != "HSV" else (10, 200, 100))
+        assert to_rgb(img).tobytes() == img.convert("RGB").tobytes()
+
+
+def test_size_bounds_are_checked_from_the_header(tmp_path):
+    """Extreme sizes are refused from the header alone (each file here decodes as truncated), naming size and limit;
+    under pad the square canvas counts, under square the shortest-edge resize (bounded by the aspect ratio)."""
+    for size in ((640, 480), (4000, 1000), (6000, 4000), (1080, 8192), (1000, 10)):  # COCO, panorama, camera, ...
+        for aspect in ("pad", "square"):
+            check_image_size(*size, aspect)
+    cases = [
+        ((30000, 8), "square", rf"30000x8 has aspect ratio 3750:1, over the limit of {MAX_ASPECT_RATIO}:1 \(crop it\)"),
+        ((30000, 8), "pad", "30000x8 has aspect ratio 3750:1"),
+        ((10, 100000), "pad", "10x100000 has aspect ratio 10000:1"),
+        ((1011, 10), "square", "1011x10 has aspect ratio 101.1:1"),
+        ((8193, 8000), "pad", rf"8193x8000 pads to 8193x8193 = 67,125,249 pixels, over the limit of "
+                              rf"{MAX_IMAGE_PIXELS:,} \(downscale it\)"),
+        ((9000, 8000), "square", "9000x8000 = 72,000,000 pixels, over the limit"),
+    ]  # fmt: skip
+    for (w, h), aspect, match in cases:
+        write_png_header(tmp_path / "big.png", w, h)
+        with pytest.raises(ValueError, match=rf"^cannot read image .*big.png: {match}"):
+            open_image(str(tmp_path / "big.png"), aspect)
+    write_png_header(tmp_path / "big.png", 8193, 8000)  # within the bounds under square: decoded, found truncated
+    with pytest.raises(ValueError, match="truncated"):
+        open_image(str(tmp_path / "big.png"), "square")
+
+
+def test_decompression_bombs_get_the_same_error(tmp_path):
+    """PIL warns above Image.MAX_IMAGE_PIXELS (below it, our own bound refuses the image) and refuses twice that."""
+    write_png_header(tmp_path / "bomb.png", 10000, 9000)
+    over = r"^cannot read image .*bomb.png: 10000x9000 = 90,000,000 pixels, over the limit"
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ValueError, match=over):
+        open_image(str(tmp_path / "bomb.png"))
+    write_png_header(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(ValueError, match=r"^cannot read image .*bomb.png: Image size \(400000000 pixels\) exceeds "
+                                         r"limit .*\(downscale it\)$"):  # fmt: skip
+        open_image(str(tmp_path / "bomb.png"))
 
 
 # ---------------------------------------------------------------- tokenizer setup
@@ -230,11 +337,15 @@ GOOD = {"id": "good", "conversations": [H("Hi?"), G("Yes.")]}
         ({"id": "tok", "conversations": [H("<image>\nHi?"), G("Yes.")]}, "no 'image' key"),
         ({"id": "notok", "image": "img.png", "conversations": [H("Hi?"), G("Yes.")]}, "exactly one <image>"),
         ({"id": "path", "image": ["img.png"], "conversations": [H("<image>\nHi?"), G("Yes.")]}, "relative to"),
+        ({"id": "wide", "image": "wide.png", "conversations": [H("<image>\nHi?"), G("Yes.")]}, "30000x8 has aspect"),
+        ({"id": "deep", "image": "deep.tif", "conversations": [H("<image>\nHi?"), G("Yes.")]}, "PIL mode 'I'"),
     ],
 )
 def test_bad_records_name_index_id_and_file(tmp_path, tokenizer, image_processor, record, match):
     ds = make_dataset(tmp_path, [GOOD, record], tokenizer, image_processor)
     (tmp_path / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    write_png_header(tmp_path / "images" / "wide.png", 30000, 8)
+    Image.fromarray(np.array([[0, 1 << 20]], dtype=np.int32)).save(tmp_path / "images" / "deep.tif")
     ds[0]
     with pytest.raises(ValueError, match=match) as err:
         ds[1]
