@@ -26,7 +26,7 @@ from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.outputs import save_final
+from minillava.outputs import lock_output_dir, save_final
 from minillava.sampler import DistributedModalityLengthSampler
 
 NO_LABEL_STEPS = 20  # a run whose first steps train no label token at all stops (nothing would be learnt)
@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     check_paths(cfg)  # the start-up checks that read the disk (parse_args reads nothing)
     info = D.init_distributed()
     t = cfg.train
+    lock = None
     try:
+        lock = lock_output_dir(t.output_dir)  # one run per --output_dir, claimed before anything is written there
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
         if info.is_main:
@@ -311,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         save_final(model, cfg, tokenizer, dtype)
         D.print0(f"done: outputs in {os.path.abspath(t.output_dir)}")
     finally:
+        if lock is not None:
+            lock.close()  # releases the lock (a killed run's lock goes with its process)
         D.cleanup(info)
 
 

@@ -7,12 +7,16 @@ stage 2 -> output_dir as a LLaVA stage-2 folder: config.json, sharded safetensor
            tokenizer files.
 Writes go to a temporary name (file or staging directory) and are renamed into place, so a kill never leaves
 a half-written output.
+
+One run per output_dir: rank 0 holds an flock on output_dir/.minillava.lock for the whole run (lock_output_dir).
 """
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 
@@ -27,10 +31,50 @@ from minillava.distributed import broadcast_object
 from minillava.formats import INDEX_NAME, SHARD_NAME, llava_config, mm_projector_content, shard_name, to_llava_key
 
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
+LOCK_NAME = ".minillava.lock"
 
 
 def rank0() -> bool:
     return dist.get_rank() == 0
+
+
+def lock_file(path: str):
+    """Take an exclusive flock on `path` (created if absent) and write our pid and host into it. Returns the open
+    file: closing it, or the process's death (even by kill -9), releases the lock. ValueError if another process
+    holds it. Where flock is not supported (some NFS or Lustre mounts), warns and returns the file unlocked."""
+    f = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "pid unknown"
+        f.close()
+        raise ValueError(f"in use by another run ({holder})") from None
+    except OSError as e:
+        print(f"warning: cannot lock {path} ({e.strerror}): make sure no other run uses this --output_dir")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def lock_output_dir(output_dir: str):
+    """Collective: claim output_dir for this run, before anything is written there. A second run on it would
+    delete the first one's checkpoint in progress (make_tmp_dir), so it stops instead, on every rank. Returns the
+    lock file (rank 0; None elsewhere) to close at the end. Advisory: only minillava runs take this lock."""
+    lock = error = None
+    if rank0():
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock = lock_file(os.path.join(output_dir, LOCK_NAME))
+        except ValueError as e:  # held
+            error = f"--output_dir {output_dir}: {e}; wait for that run to end or pass another --output_dir"
+        except OSError as e:
+            error = f"--output_dir {output_dir}: cannot create {LOCK_NAME} ({e.strerror}); check its permissions"
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    return lock
 
 
 def write_text(path: str, text: str) -> None:
@@ -60,7 +104,7 @@ def make_tmp_dir(parent: str, prefix: str) -> str:
     path = None
     if rank0():
         os.makedirs(parent, exist_ok=True)
-        for name in os.listdir(parent):  # leftovers of a killed save; only this run writes here
+        for name in os.listdir(parent):  # leftovers of a killed save (lock_output_dir: no other run writes here)
             if _LEFTOVER.fullmatch(name):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         path = tempfile.mkdtemp(prefix=prefix, dir=parent)
