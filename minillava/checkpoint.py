@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import re
 
 import numpy as np
 import torch
@@ -37,36 +36,27 @@ from minillava.config import CONFIG_NAME
 from minillava.distributed import broadcast_object, print0
 from minillava.formats import llava_config
 from minillava.outputs import (
+    MARKER,
     atomic_write,
+    complete_checkpoints,
     discard_dir,
     make_tmp_dir,
     rank0,
     read_json,
+    removed_on_error,
     replace_dir,
     save_projector,
     write_json,
     write_text,
 )
 
-MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.json"
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen keys are absent on purpose
 CRASH_HOOK = "MINILLAVA_TEST_CRASH_IN_SAVE"  # tests only: =N makes every rank os._exit in save N before COMPLETE
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 # ---------------------------------------------------------------------------------------------- resumable state
-
-
-def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint-N in output_dir that holds its COMPLETE marker, oldest first."""
-    found = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        path = os.path.join(output_dir, name)
-        if (m := _CHECKPOINT.fullmatch(name)) and os.path.isfile(os.path.join(path, MARKER)):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
 
 
 def find_checkpoint(spec: str | None, output_dir: str) -> str | None:
@@ -147,9 +137,18 @@ class Checkpointer:
             self.save(step)
 
     def save(self, step: int) -> str:
-        """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path."""
-        t, rank = self.cfg.train, dist.get_rank()
+        """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path. On a failure (a
+        full disk: one line, outputs.removed_on_error) the partial checkpoint is removed."""
+        t = self.cfg.train
         tmp = make_tmp_dir(t.output_dir, f"checkpoint-{step}.tmp-")
+        final = os.path.join(t.output_dir, f"checkpoint-{step}")
+        with removed_on_error(tmp, final, t.output_dir):
+            self._write(step, tmp, final)
+        dist.barrier()
+        return final
+
+    def _write(self, step: int, tmp: str, final: str) -> None:
+        t, rank = self.cfg.train, dist.get_rank()
         state = {"model": get_model_state_dict(self.model, options=TRAINABLE)}
         state["optimizer"] = _optimizer_state(self.model, self.optimizer)
         dcp.save(state, checkpoint_id=tmp)
@@ -167,13 +166,10 @@ class Checkpointer:
         dist.barrier()  # every rank's files are in tmp
         if os.environ.get(CRASH_HOOK) == str(step):
             os._exit(1)  # test hook: as if killed mid-save
-        final = os.path.join(t.output_dir, f"checkpoint-{step}")
         if rank == 0:
             write_text(os.path.join(tmp, MARKER), f"{step}\n")
             replace_dir(tmp, final)
             _rotate(t.output_dir, t.save_total_limit, keep=final)
-        dist.barrier()
-        return final
 
     def resume(self) -> int:
         """Restore --resume_from_checkpoint (auto | PATH) if given; returns the step to continue from (0: fresh)."""

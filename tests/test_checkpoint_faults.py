@@ -1,19 +1,24 @@
-"""Faults around checkpoints: a second run on the same --output_dir. In-process 1-rank runs (each well under a
-second) unless marked dist."""
+"""Faults around checkpoints: a full disk, a second run on the same --output_dir. In-process 1-rank runs (each
+well under a second) unless marked dist."""
 
+import errno
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import traceback
 
 import pytest
 from conftest import flags
 from dist import run_distributed
+from safetensors import SafetensorError
+from torch.distributed.checkpoint import CheckpointException
 
 import train
-from minillava.outputs import LOCK_NAME, lock_file, lock_output_dir
+from minillava.outputs import LOCK_NAME, lock_file, lock_output_dir, removed_on_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """import sys, time
@@ -70,3 +75,86 @@ def test_every_rank_raises_when_the_output_dir_is_taken(tmp_path):
             errors.add(f.read())
     assert errors == {f"--output_dir {out}: in use by another run (pid {os.getpid()} on {socket.gethostname()}); "
                       "wait for that run to end or pass another --output_dir"}  # fmt: skip
+
+
+def _disk_fills_under(monkeypatch, part: str) -> None:
+    """os.fsync raises ENOSPC for the files whose path contains `part`, as a full disk does at the flush."""
+    real = os.fsync
+
+    def fsync(fd):
+        if part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _full_disk_message(target: str, kept: str) -> str:
+    return re.escape(f"no space left on device while writing {target}: free space or point --output_dir elsewhere; "
+                     f"{kept} is still loadable")  # fmt: skip
+
+
+def test_a_full_disk_stops_a_save_in_one_line_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    """The disk fills while checkpoint-2 is written (inside DCP's save), then during the final save: each time the
+    run stops with one line naming what was written and the newest complete checkpoint, the partial files are gone,
+    and that checkpoint resumes. (Before: DCP's CheckpointException traceback, the partial checkpoint left behind.)"""
+    out = str(tmp_path / "o")
+    ckpt = lambda step: os.path.join(out, f"checkpoint-{step}")  # noqa: E731
+    argv = flags(assets, out, max_steps=2, save_steps=1, save_total_limit=5)
+    with monkeypatch.context() as m:
+        _disk_fills_under(m, "checkpoint-2.tmp-")
+        with pytest.raises(OSError, match=f"^{_full_disk_message(ckpt(2), ckpt(1))}$"):
+            train.main(argv)
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1"]
+    argv += ["--resume_from_checkpoint", "auto"]
+    with monkeypatch.context() as m:
+        _disk_fills_under(m, ".final.tmp-")
+        with pytest.raises(OSError, match=f"^{_full_disk_message(out, ckpt(2))}$"):
+            train.main(argv)
+    assert f"resumed from {ckpt(1)}: step 1" in capsys.readouterr().out
+    assert not [n for n in os.listdir(out) if n.startswith(".final.tmp-") or n.endswith(".safetensors")]
+    train.main(argv)  # space is back
+    assert f"resumed from {ckpt(2)}: step 2" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+
+
+def _torch_save_on_a_full_disk():
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:  # what torch.save raises when its file's write fails (the OSError is the __context__)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+def _dcp_save_on_a_full_disk_of_another_rank():  # the failure arrived pickled: no __context__, no errno
+    raise CheckpointException("write", {1: (RuntimeError("unexpected pos 704 vs 598"), traceback.StackSummary())})
+
+
+def _safetensors_on_a_full_disk():
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _over_quota():
+    raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+
+@pytest.mark.parametrize(
+    ("fail", "free", "message"),
+    [
+        (_torch_save_on_a_full_disk, 10**9, "no space left on device"),
+        (_dcp_save_on_a_full_disk_of_another_rank, 4096, "no space left on device"),
+        (_dcp_save_on_a_full_disk_of_another_rank, 10**9, None),  # not a full disk: DCP's own error
+        (_safetensors_on_a_full_disk, 10**9, "no space left on device"),
+        (_over_quota, 10**9, "disk quota exceeded"),
+    ],
+)
+def test_a_full_disk_is_recognised_behind_each_library(tmp_path, monkeypatch, fail, free, message):
+    tmp = tmp_path / "checkpoint-3.tmp-x"
+    tmp.mkdir()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    expected = OSError if message else CheckpointException
+    with pytest.raises(expected) as caught, removed_on_error(str(tmp), "T", str(tmp_path)):
+        fail()
+    if message:
+        assert str(caught.value) == (f"{message} while writing T: free space or point --output_dir elsewhere; "
+                                     "no complete checkpoint was saved before")  # fmt: skip
+    assert not tmp.exists()
