@@ -1,5 +1,5 @@
-"""Faults around checkpoints: a full disk, a second run on the same --output_dir. In-process 1-rank runs (each
-well under a second) unless marked dist."""
+"""Faults around checkpoints: damaged files in a complete checkpoint, a full disk, a second run on the same
+--output_dir. In-process 1-rank runs (each well under a second) unless marked dist."""
 
 import errno
 import os
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import traceback
+from types import SimpleNamespace
 
 import pytest
 from conftest import flags
@@ -18,9 +19,86 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint import CheckpointException
 
 import train
+from minillava.checkpoint import checkpoint_problem
 from minillava.outputs import LOCK_NAME, lock_file, lock_output_dir, removed_on_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = dict(max_steps=3, save_steps=1, save_total_limit=5)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(assets, tmp_path_factory):
+    """A 3-step run's checkpoint-1, -2 and -3 (tests damage copies)."""
+    out = str(tmp_path_factory.mktemp("ckpts"))
+    train.main(flags(assets, out, **RUN))
+    return out
+
+
+def _copy_checkpoints(src: str, tmp_path) -> str:
+    out = str(tmp_path / "o")
+    for step in (1, 2, 3):
+        shutil.copytree(os.path.join(src, f"checkpoint-{step}"), os.path.join(out, f"checkpoint-{step}"))
+    return out
+
+
+def _cut_in_half(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+DAMAGE = [  # (file in checkpoint-3, what happens to it after COMPLETE was written)
+    ("__0_0.distcp", _cut_in_half),
+    (".metadata", os.remove),
+    ("trainer_state.json", _cut_in_half),
+    ("rng_state_0.pth", _cut_in_half),
+]
+
+
+@pytest.mark.parametrize(("broken", "damage"), DAMAGE)
+def test_a_damaged_checkpoint_is_refused_or_skipped(assets, checkpoints, tmp_path, capsys, broken, damage):
+    """checkpoint-3 holds COMPLETE, but one of its files was damaged since. As PATH: a one-line ValueError naming
+    the file, before anything is loaded. auto: a warning naming it, resume from checkpoint-2, and the run saves a
+    good checkpoint-3 again. (Before: a traceback from dcp.load, json or torch.load, with either flag.)"""
+    out = _copy_checkpoints(checkpoints, tmp_path)
+    newest, file = os.path.join(out, "checkpoint-3"), os.path.join(out, "checkpoint-3", broken)
+    damage(file)
+    with pytest.raises(ValueError, match=f"^--resume_from_checkpoint {re.escape(newest)}: damaged: {re.escape(file)} "
+                                         "is [^\n]+; pass an older checkpoint or auto$"):  # fmt: skip
+        train.main(flags(assets, out, resume_from_checkpoint=newest, **RUN))
+    train.main(flags(assets, out, resume_from_checkpoint="auto", **RUN))
+    log = capsys.readouterr().out
+    assert f"warning: --resume_from_checkpoint auto: skipping {newest}: {file} is " in log
+    assert f"resumed from {os.path.join(out, 'checkpoint-2')}: step 2" in log
+    assert checkpoint_problem(newest) is None
+
+
+def test_auto_starts_fresh_when_no_checkpoint_is_usable(assets, checkpoints, tmp_path, capsys):
+    """Every checkpoint damaged: auto names each with its broken file, then trains from step 0 (before: a traceback
+    from the newest)."""
+    out = _copy_checkpoints(checkpoints, tmp_path)
+    for step, (broken, damage) in enumerate(DAMAGE[:3], start=1):
+        damage(os.path.join(out, f"checkpoint-{step}", broken))
+    train.main(flags(assets, out, resume_from_checkpoint="auto", **RUN))
+    log = capsys.readouterr().out
+    for step, (broken, _) in enumerate(DAMAGE[:3], start=1):
+        ckpt = os.path.join(out, f"checkpoint-{step}")
+        assert f"warning: --resume_from_checkpoint auto: skipping {ckpt}: {os.path.join(ckpt, broken)} is " in log
+    assert f"--resume_from_checkpoint auto: no usable checkpoint in {out}; starting fresh" in log
+    assert "resumed from" not in log
+    assert all(checkpoint_problem(os.path.join(out, f"checkpoint-{step}")) is None for step in (1, 2, 3))
+
+
+def test_damage_only_dcp_load_sees_is_a_value_error_naming_the_checkpoint(assets, checkpoints, tmp_path):
+    """The shard keeps its length but its bytes are gone (zeros): the cheap checks pass, dcp.load fails on every
+    rank, and the run stops with a ValueError naming the checkpoint (before: DCP's CheckpointException)."""
+    out = _copy_checkpoints(checkpoints, tmp_path)
+    shard = os.path.join(out, "checkpoint-3", "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.write(bytes(os.path.getsize(shard)))
+    with pytest.raises(ValueError, match=f"^cannot resume from {re.escape(os.path.join(out, 'checkpoint-3'))}: its "
+                                         "DCP shards do not load \\(rank 0: "):  # fmt: skip
+        train.main(flags(assets, out, resume_from_checkpoint="auto", **RUN))
+
+
 HOLD = """import sys, time
 from minillava.outputs import lock_file
 lock = lock_file(sys.argv[1])
@@ -118,11 +196,10 @@ def test_a_full_disk_stops_a_save_in_one_line_and_keeps_the_last_checkpoint(asse
     assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
 
 
-def _torch_save_on_a_full_disk():
-    try:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    except OSError:  # what torch.save raises when its file's write fails (the OSError is the __context__)
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+def _torch_save_on_a_full_disk():  # what torch.save raises when a write to its file fails
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    error.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    raise error
 
 
 def _dcp_save_on_a_full_disk_of_another_rank():  # the failure arrived pickled: no __context__, no errno
@@ -148,9 +225,11 @@ def _over_quota():
     ],
 )
 def test_a_full_disk_is_recognised_behind_each_library(tmp_path, monkeypatch, fail, free, message):
+    """The errors a full disk (or quota) surfaces as, as the libraries raise them (shapes seen on a full tmpfs):
+    each becomes the one-line OSError; another error stays itself. The partial directory is removed either way."""
     tmp = tmp_path / "checkpoint-3.tmp-x"
     tmp.mkdir()
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
     expected = OSError if message else CheckpointException
     with pytest.raises(expected) as caught, removed_on_error(str(tmp), "T", str(tmp_path)):
         fail()
