@@ -26,7 +26,7 @@ from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.outputs import save_final
+from minillava.outputs import lock_output_dir, save_final
 from minillava.preemption import EXIT_CODE, Preempted, StopRequest, ignore_sigterm
 from minillava.sampler import DistributedModalityLengthSampler
 
@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     info = D.init_distributed()
     stop = StopRequest(watch_agent="TORCHELASTIC_RUN_ID" in os.environ)  # SIGTERM / dead torchrun: save and stop
     t = cfg.train
-    logger = None
+    logger = lock = None
     try:
+        lock = lock_output_dir(t.output_dir)  # one run per --output_dir, claimed before anything is written there
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
         if info.is_main:
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if logger is not None:
             logger.close()  # ends the progress bar before any error is printed
+        if lock is not None:
+            lock.close()  # releases the lock (a killed run's lock goes with its process)
         stop.close()
         D.cleanup(info)
 

@@ -11,6 +11,12 @@ Every --save_steps, output_dir/checkpoint-N/ (each rank writes its own shards; t
 Atomic: all of it goes to checkpoint-N.tmp-XXXX, COMPLETE last, then one directory rename. Resume only takes
 checkpoint-N directories holding COMPLETE, so a kill at any moment leaves every earlier checkpoint usable.
 
+Files damaged after COMPLETE (a disk error, a copy cut short) are caught before anything is loaded: rank 0 checks
+that the JSON files parse, .metadata reads, every shard is as long as .metadata says and the RNG files load
+(checkpoint_problem), and tells the other ranks. `--resume_from_checkpoint auto` then falls back to the previous
+complete checkpoint with a warning naming the broken file, and starts fresh if none is usable; an explicit PATH is a
+ValueError. Damage these checks cannot see (bytes changed in place) fails in dcp.load, also as a ValueError.
+
 The final outputs (mm_projector.bin, the stage-2 HF folder) live in minillava/outputs.py.
 """
 
@@ -25,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,48 +44,84 @@ from minillava.config import CONFIG_NAME
 from minillava.distributed import broadcast_object, print0
 from minillava.formats import llava_config
 from minillava.outputs import (
+    MARKER,
     atomic_write,
+    complete_checkpoints,
     discard_dir,
     make_tmp_dir,
     rank0,
     read_json,
+    removed_on_error,
     replace_dir,
     save_projector,
     write_json,
     write_text,
 )
 
-MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.json"
+STATE_KEYS = ("step", "sampler", "scheduler", "run")
+_RNG = re.compile(r"rng_state_\d+\.pth")
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen keys are absent on purpose
 CRASH_HOOK = "MINILLAVA_TEST_CRASH_IN_SAVE"  # tests only: =N makes every rank os._exit in save N before COMPLETE
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 # ---------------------------------------------------------------------------------------------- resumable state
 
 
-def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint-N in output_dir that holds its COMPLETE marker, oldest first."""
-    found = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        path = os.path.join(output_dir, name)
-        if (m := _CHECKPOINT.fullmatch(name)) and os.path.isfile(os.path.join(path, MARKER)):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What is broken in the complete checkpoint `path`, naming the file, or None. Reads no tensor data."""
+    for name, keys in ((STATE_NAME, STATE_KEYS), (CONFIG_NAME, ())):
+        file = os.path.join(path, name)
+        try:
+            content = read_json(file)
+        except (OSError, ValueError) as e:  # missing, or torn JSON
+            return f"{file} is unreadable ({_first_line(e)})"
+        if not isinstance(content, dict) or any(k not in content for k in keys):
+            return f"{file} lacks some of {list(keys)}"
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # missing, or a torn pickle (any unpickling error)
+        return f"{os.path.join(path, '.metadata')} is unreadable ({_first_line(e)})"
+    needed: dict[str, int] = {}  # shard file -> the end of its last item
+    for item in metadata.storage_data.values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        shard = os.path.join(path, name)
+        if not os.path.isfile(shard):
+            return f"{shard} is missing"
+        if os.path.getsize(shard) < size:
+            return f"{shard} is truncated ({os.path.getsize(shard)} bytes; .metadata records {size})"
+    for name in sorted(filter(_RNG.fullmatch, os.listdir(path))):  # every rank's: they share the filesystem
+        file = os.path.join(path, name)
+        try:
+            torch.load(file, weights_only=True)
+        except Exception as e:
+            return f"{file} is unreadable ({_first_line(e)})"
+    return None
 
 
 def find_checkpoint(spec: str | None, output_dir: str) -> str | None:
-    """--resume_from_checkpoint: None -> None; auto -> newest complete checkpoint or None; PATH -> PATH if complete."""
+    """--resume_from_checkpoint: None -> None; auto -> the newest usable complete checkpoint (damaged ones are
+    skipped with a warning) or None; PATH -> PATH if complete and undamaged, else ValueError."""
     if not spec:
         return None
     if spec == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        for _, path in reversed(complete_checkpoints(output_dir)):
+            if (problem := checkpoint_problem(path)) is None:
+                return path
+            print(f"warning: --resume_from_checkpoint auto: skipping {path}: {problem}")
+        return None
     if not os.path.isfile(os.path.join(spec, MARKER)):
         why = "no such directory" if not os.path.isdir(spec) else f"no {MARKER} marker: its save was interrupted"
         raise ValueError(f"--resume_from_checkpoint {spec}: not a complete checkpoint ({why}); pass another or auto")
+    if problem := checkpoint_problem(spec):
+        raise ValueError(f"--resume_from_checkpoint {spec}: damaged: {problem}; pass an older checkpoint or auto")
     return spec
 
 
@@ -149,9 +192,18 @@ class Checkpointer:
         return None
 
     def save(self, step: int) -> str:
-        """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path."""
-        t, rank = self.cfg.train, dist.get_rank()
+        """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path. On a failure (a
+        full disk: one line, outputs.removed_on_error) the partial checkpoint is removed."""
+        t = self.cfg.train
         tmp = make_tmp_dir(t.output_dir, f"checkpoint-{step}.tmp-")
+        final = os.path.join(t.output_dir, f"checkpoint-{step}")
+        with removed_on_error(tmp, final, t.output_dir):
+            self._write(step, tmp, final)
+        dist.barrier()
+        return final
+
+    def _write(self, step: int, tmp: str, final: str) -> None:
+        t, rank = self.cfg.train, dist.get_rank()
         state = {"model": get_model_state_dict(self.model, options=TRAINABLE)}
         state["optimizer"] = _optimizer_state(self.model, self.optimizer)
         dcp.save(state, checkpoint_id=tmp)
@@ -169,13 +221,10 @@ class Checkpointer:
         dist.barrier()  # every rank's files are in tmp
         if os.environ.get(CRASH_HOOK) == str(step):
             os._exit(1)  # test hook: as if killed mid-save
-        final = os.path.join(t.output_dir, f"checkpoint-{step}")
         if rank == 0:
             write_text(os.path.join(tmp, MARKER), f"{step}\n")
             replace_dir(tmp, final)
             _rotate(t.output_dir, t.save_total_limit, keep=final)
-        dist.barrier()
-        return final
 
     def resume(self) -> int:
         """Restore --resume_from_checkpoint (auto | PATH) if given; returns the step to continue from (0: fresh)."""
@@ -191,7 +240,7 @@ class Checkpointer:
             raise ValueError(error)
         if path is None:
             if t.resume_from_checkpoint:
-                print0(f"--resume_from_checkpoint auto: no complete checkpoint in {t.output_dir}; starting fresh")
+                print0(f"--resume_from_checkpoint auto: no usable checkpoint in {t.output_dir}; starting fresh")
             return 0
         state = read_json(os.path.join(path, STATE_NAME))
         self._check_shape(state["run"], path)
@@ -204,9 +253,16 @@ class Checkpointer:
                 f"cannot resume from {path}: trainable parameters differ (missing there: {sorted(ours - theirs)[:3]}, "
                 f"extra there: {sorted(theirs - ours)[:3]}); did --stage, --tune_mm_mlp_adapter or --freeze_* change?"
             )
-        dcp.load({"model": model_sd}, checkpoint_id=path)
-        set_model_state_dict(self.model, model_sd, options=TRAINABLE_LOAD)
-        _load_optimizer(self.model, self.optimizer, path, saved)
+        try:
+            dcp.load({"model": model_sd}, checkpoint_id=path)
+            set_model_state_dict(self.model, model_sd, options=TRAINABLE_LOAD)
+            _load_optimizer(self.model, self.optimizer, path, saved)
+        except CheckpointException as e:  # every rank raises it (DCP gathers the failures)
+            rank, (first, _) = next(iter(e.failures.items()))
+            raise ValueError(
+                f"cannot resume from {path}: its DCP shards do not load (rank {rank}: {_first_line(first)}); "
+                "the checkpoint is damaged: pass an older one with --resume_from_checkpoint"
+            ) from e
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         rng = os.path.join(path, f"rng_state_{dist.get_rank()}.pth")
@@ -215,7 +271,8 @@ class Checkpointer:
         if rank0():
             _trim_metrics(t.output_dir, state["step"])
             later = [p for step, p in complete_checkpoints(t.output_dir) if step > state["step"]]
-            if later:  # resumed from an older PATH: these belong to the trajectory being replaced
+            # Resumed from an older PATH: these belong to the trajectory being replaced. (auto skipped them: damaged.)
+            if later and t.resume_from_checkpoint != "auto":
                 print(f"warning: {later} are newer than {path}; `auto` would pick them until this run overwrites them")
         s = state["sampler"]
         print0(f"resumed from {path}: step {state['step']}, epoch {s['epoch']}, micro-batch {s['position']}")

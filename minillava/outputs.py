@@ -7,12 +7,20 @@ stage 2 -> output_dir as a LLaVA stage-2 folder: config.json, sharded safetensor
            tokenizer files.
 Writes go to a temporary name (file or staging directory) and are renamed into place, so a kill never leaves
 a half-written output.
+
+One run per output_dir: rank 0 holds an flock on output_dir/.minillava.lock for the whole run (lock_output_dir).
+A full disk (or quota) during a save stops the run with one line naming what was being written and the newest
+complete checkpoint, which the failed save left untouched; its partial files are removed.
 """
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 
@@ -20,6 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -27,10 +36,105 @@ from minillava.distributed import broadcast_object
 from minillava.formats import INDEX_NAME, SHARD_NAME, llava_config, mm_projector_content, shard_name, to_llava_key
 
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+MARKER = "COMPLETE"  # written last into a checkpoint (minillava/checkpoint.py)
+LOCK_NAME = ".minillava.lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def rank0() -> bool:
     return dist.get_rank() == 0
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint-N in output_dir that holds its COMPLETE marker, oldest first."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        path = os.path.join(output_dir, name)
+        if (m := _CHECKPOINT.fullmatch(name)) and os.path.isfile(os.path.join(path, MARKER)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def lock_file(path: str):
+    """Take an exclusive flock on `path` (created if absent) and write our pid and host into it. Returns the open
+    file: closing it, or the process's death (even by kill -9), releases the lock. ValueError if another process
+    holds it. Where flock is not supported (some NFS or Lustre mounts), warns and returns the file unlocked."""
+    f = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "pid unknown"
+        f.close()
+        raise ValueError(f"in use by another run ({holder})") from None
+    except OSError as e:
+        print(f"warning: cannot lock {path} ({e.strerror}): make sure no other run uses this --output_dir")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def lock_output_dir(output_dir: str):
+    """Collective: claim output_dir for this run, before anything is written there. A second run on it would
+    delete the first one's checkpoint in progress (make_tmp_dir), so it stops instead, on every rank. Returns the
+    lock file (rank 0; None elsewhere) to close at the end. Advisory: only minillava runs take this lock."""
+    lock = error = None
+    if rank0():
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            lock = lock_file(os.path.join(output_dir, LOCK_NAME))
+        except ValueError as e:  # held
+            error = f"--output_dir {output_dir}: {e}; wait for that run to end or pass another --output_dir"
+        except OSError as e:
+            error = f"--output_dir {output_dir}: cannot create {LOCK_NAME} ({e.strerror}); check its permissions"
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    return lock
+
+
+def _disk_full_errno(e: BaseException, directory: str) -> int | None:
+    """ENOSPC or EDQUOT if `e` comes from a full disk or quota. The libraries hide the OSError: torch.save raises
+    a RuntimeError with it as __context__, safetensors names it in its message, DCP lists every rank's error in a
+    CheckpointException (pickled, losing __context__: then the free space of `directory` decides)."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in DISK_FULL:
+            return x.errno
+        for code in DISK_FULL:
+            if os.strerror(code) in str(x):
+                return code
+        todo += [x.__cause__, x.__context__]
+        if isinstance(x, CheckpointException):
+            todo += [exc for exc, _ in x.failures.values()]
+    if isinstance(e, CheckpointException) and shutil.disk_usage(directory).free < 2**20:
+        return errno.ENOSPC
+    return None
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: str, target: str, output_dir: str):
+    """Around a save into the temporary directory `tmp`: if it fails, remove `tmp`; a full disk (or quota) is
+    re-raised as one line naming `target`, the fix, and the newest complete checkpoint."""
+    try:
+        yield
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        code = _disk_full_errno(e, output_dir)  # before removing tmp, whose files are what filled the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if code is None:
+            raise
+        found = complete_checkpoints(output_dir)
+        kept = f"{found[-1][1]} is still loadable" if found else "no complete checkpoint was saved before"
+        error = OSError(f"{os.strerror(code).lower()} while writing {target}: free space or point --output_dir "
+                        f"elsewhere; {kept}")  # fmt: skip
+        error.errno = code
+        raise error from e
 
 
 def write_text(path: str, text: str) -> None:
@@ -60,7 +164,7 @@ def make_tmp_dir(parent: str, prefix: str) -> str:
     path = None
     if rank0():
         os.makedirs(parent, exist_ok=True)
-        for name in os.listdir(parent):  # leftovers of a killed save; only this run writes here
+        for name in os.listdir(parent):  # leftovers of a killed save (lock_output_dir: no other run writes here)
             if _LEFTOVER.fullmatch(name):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         path = tempfile.mkdtemp(prefix=prefix, dir=parent)
@@ -167,18 +271,19 @@ def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_b
     leaves no partial file in output_dir. Collective: call on all ranks."""
     out = cfg.train.output_dir
     stage = make_tmp_dir(out, ".final.tmp-")
-    if cfg.model.tune_mm_mlp_adapter:
-        save_projector(model, os.path.join(stage, "mm_projector.bin"), dtype)
-    else:
-        index = _save_shards(model, stage, dtype, max_shard_bytes)
-    if rank0():
-        if not cfg.model.tune_mm_mlp_adapter:
-            write_json(os.path.join(stage, INDEX_NAME), index)
-            model.llm.generation_config.save_pretrained(stage)
-            tokenizer.save_pretrained(stage)
-            sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
-            if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
-                shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
-        write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
-        _publish(stage, out)
+    with removed_on_error(stage, out, out):
+        if cfg.model.tune_mm_mlp_adapter:
+            save_projector(model, os.path.join(stage, "mm_projector.bin"), dtype)
+        else:
+            index = _save_shards(model, stage, dtype, max_shard_bytes)
+        if rank0():
+            if not cfg.model.tune_mm_mlp_adapter:
+                write_json(os.path.join(stage, INDEX_NAME), index)
+                model.llm.generation_config.save_pretrained(stage)
+                tokenizer.save_pretrained(stage)
+                sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
+                if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
+                    shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
+            write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
+            _publish(stage, out)
     dist.barrier()

@@ -278,9 +278,10 @@ def test_find_checkpoint_takes_only_complete_ones(tmp_path):
             open(os.path.join(out, f"checkpoint-{step}", MARKER), "w").close()
     os.makedirs(os.path.join(out, "checkpoint-8.tmp-abc"))
     open(os.path.join(out, "checkpoint-8.tmp-abc", MARKER), "w").close()  # killed between marker and rename
-    assert find_checkpoint("auto", out) == os.path.join(out, "checkpoint-4")
+    assert complete_checkpoints(out) == [(2, os.path.join(out, "checkpoint-2")), (4, os.path.join(out, "checkpoint-4"))]
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         find_checkpoint(os.path.join(out, "checkpoint-6"), out)
+    # (find_checkpoint also checks the files of a complete one: test_checkpoint_faults.py)
 
 
 def _step(model, optimizer, scheduler, batch, drop=None):
