@@ -15,8 +15,11 @@ import signal
 import threading
 
 EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
-AGENT_POLL_S = 1.0  # how often a torchrun worker checks that its agent is alive
+AGENT_POLL_S = 0.1  # how often a torchrun worker checks that its agent is alive (one getppid() call)
 AGENT_GRACE_S = 300.0  # a worker orphaned by its agent that has not stopped by then exits at once
+
+
+_PARENT = os.getppid()  # at import, as early as possible: the torchrun agent that started this worker
 
 
 class Preempted(Exception):
@@ -34,7 +37,7 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         if watch_agent:
-            threading.Thread(target=self._watch_agent, args=(os.getppid(),), daemon=True).start()
+            threading.Thread(target=self._watch_agent, args=(_PARENT,), daemon=True).start()
 
     def _on_sigterm(self, signum, frame) -> None:
         if self.reason == "SIGTERM":  # asked twice: do what SIGTERM does by default

@@ -176,6 +176,60 @@ def test_kill_during_save_then_kill_9_resume_exactly(data, stage2_ref, tmp_path)
     assert_same_run(out, stage2_ref)
 
 
+
+def _wait_for(proc, what, ready, deadline):
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, f"run ended before {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.dist
+def test_sigterm_and_a_dead_agent_stop_with_a_checkpoint_then_resume_exactly(data, stage2_ref, tmp_path):
+    """Preemption under torchrun, one chain of the same 8-step stage-2 run (saves every 2 steps):
+    (a) SIGTERM to torchrun once checkpoint-2 is complete (what SLURM / Kubernetes send): torchrun forwards it, both
+        ranks finish their step, write checkpoint-k (k >= 3) and exit 143 with the resume command;
+    (b) auto-resume from k, and torchrun SIGKILLed alone as the run starts (its ranks live on in their own
+        sessions; they used to train to the end with no agent): the ranks notice, save checkpoint-j and exit;
+    (c) auto-resume to the end: losses of steps 1..8 and the final weights equal the uninterrupted run's."""
+    out = str(tmp_path / "o")
+    argv = flags(data, out, **STAGE2)
+    os.makedirs(out)
+    with open(os.path.join(out, "sigterm.txt"), "w") as log:
+        proc = _launch(argv, log)
+        deadline = time.monotonic() + 240
+        _wait_for(proc, "checkpoint-2", lambda: os.path.isfile(os.path.join(out, "checkpoint-2", MARKER)), deadline)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) != 0
+    with open(os.path.join(out, "sigterm.txt")) as f:
+        text = f.read()
+    steps = [s for s, _ in complete_checkpoints(out)]
+    assert steps[0] == 2 and len(steps) == 2 and 3 <= steps[1] < 8, (steps, text[-3000:])
+    k = steps[1]
+    assert f"stopped after step {k} of 8 (SIGTERM): saved {os.path.join(out, f'checkpoint-{k}')}; to continue" in text
+    argv += ["--resume_from_checkpoint", "auto"]
+    with open(os.path.join(out, "agent.txt"), "w") as log:
+        proc = _launch(argv, log)
+        deadline = time.monotonic() + 240
+
+        def started():
+            with open(os.path.join(out, "agent.txt")) as f:
+                return "model.model_name_or_path" in f.read()  # rank 0 printed the config: the loop is ahead
+
+        _wait_for(proc, "start-up", started, deadline)
+        ranks = [pid for pid in _process_tree(proc.pid) if pid != proc.pid]
+        proc.kill()
+        proc.wait()
+        assert len(ranks) >= 2, ranks
+        while not all(map(_gone, ranks)):
+            assert time.monotonic() < deadline, "the ranks went on without their agent"
+            time.sleep(0.05)
+    with open(os.path.join(out, "agent.txt")) as f:
+        text = f.read()
+    j = [s for s, _ in complete_checkpoints(out)][-1]
+    assert k < j < 8 and "the torchrun agent (pid" in text and f"stopped after step {j} of 8" in text, text[-3000:]
+    torchrun(argv, out)
+    assert_same_run(out, stage2_ref)
+
 # LLaVA key prefix -> ours, the longest "model." prefixes first (the inverse of to_llava_key).
 FROM_LLAVA = (
     ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
