@@ -26,7 +26,7 @@ from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.outputs import lock_output_dir, save_final
+from minillava.outputs import DISK_FULL, lock_output_dir, save_final
 from minillava.preemption import EXIT_CODE, Preempted, StopRequest, ignore_sigterm
 from minillava.sampler import DistributedModalityLengthSampler
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
 def cli(argv: list[str]) -> int:
     """`python train.py` / torchrun: main() with what a user can fix as one line on stderr instead of a traceback.
     A bad flag, path or file (ValueError) is the same on every rank: the first rank of each node prints it; a bad
-    sample (SampleError) is printed by the rank that read it. Preemption exits with EXIT_CODE (143)."""
+    sample (SampleError) is printed by the rank that read it; so is a full disk. Preemption exits with EXIT_CODE."""
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         main(argv)
@@ -360,6 +360,12 @@ def cli(argv: list[str]) -> int:
         return EXIT_CODE
     except ValueError as e:
         if first or isinstance(e, SampleError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        if first:  # the save's own one-line message (minillava/outputs.py removed_on_error)
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

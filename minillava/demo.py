@@ -326,9 +326,8 @@ def evaluate_colour_accuracy(
                 raise ValueError(f"{describe(i, record, eval_json)}: needs 'image' and 'conversations'")
             if record.get("colour") not in colours:
                 raise ValueError(f"{describe(i, record, eval_json)}: 'colour' must be one of {list(colours)}")
-            pixel_values = process_image(
-                open_image(os.path.join(image_folder, record["image"])), image_processor, image_aspect_ratio
-            )
+            image = open_image(os.path.join(image_folder, record["image"]), image_aspect_ratio)
+            pixel_values = process_image(image, image_processor, image_aspect_ratio)
             question = record["conversations"][0]["value"]  # "<image>\n" + EVAL_QUESTION
             losses = []
             for colour in colours:

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     model, settings = load_model(a.checkpoint, a.vision_tower, device=a.device, dtype=dtype)
     tokenizer = load_tokenizer(a.checkpoint, settings.model_max_length)
     processor = load_image_processor_for(a.checkpoint, settings, a.vision_tower)
-    pixel_values = process_image(open_image(a.image), processor, settings.image_aspect_ratio)[None]
+    image = open_image(a.image, settings.image_aspect_ratio)
+    pixel_values = process_image(image, processor, settings.image_aspect_ratio)[None]
     prompt = build_inference_prompt(a.prompt, a.version, has_image=True)
     input_ids = torch.tensor(tokenizer_image_token(prompt, tokenizer))
     out = greedy_generate(

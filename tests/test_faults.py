@@ -177,3 +177,22 @@ def test_an_uncaught_error_with_dataloader_workers_exits(assets, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(train.__file__), os.path.dirname(__file__)])}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1].count("train.SampleError: sample 11") == 1
+
+
+def test_a_full_disk_is_one_line_other_os_errors_keep_their_traceback(monkeypatch, capsys):
+    """The save's full-disk error (tests/test_checkpoint_faults.py) reaches the user as its one line."""
+    import errno
+
+    def fails(error):
+        def main(argv):
+            raise error
+
+        return main
+
+    full = OSError("no space left on device while writing out/checkpoint-2: free space or point --output_dir ...")
+    full.errno = errno.ENOSPC
+    monkeypatch.setattr(train, "main", fails(full))
+    assert _cli([], capsys) == (1, f"error: {full}\n")
+    monkeypatch.setattr(train, "main", fails(PermissionError(errno.EACCES, "denied")))
+    with pytest.raises(PermissionError):
+        train.cli([])

@@ -363,13 +363,12 @@ def test_adapter_round_trip_casts_dtype(tmp_path):
 
 def test_adapter_errors_name_the_file(tmp_path):
     model = make_model()
-    with pytest.raises(ValueError, match=r"--pretrain_mm_mlp_adapter .*nope\.bin: file not found"):
+    with pytest.raises(ValueError, match=r"--pretrain_mm_mlp_adapter .*nope\.bin: does not exist"):
         load_mm_projector(model, str(tmp_path / "nope.bin"))
     good = mm_projector_state_dict(model)
     bad_keys = str(tmp_path / "bad_keys.bin")
-    torch.save(
-        {"model.mm_projector.0.weight": good["model.mm_projector.0.weight"], "x.mm_projector.4.bias": 0}, bad_keys
-    )
+    keys = {"model.mm_projector.0.weight": good["model.mm_projector.0.weight"], "x.mm_projector.4.bias": torch.zeros(1)}
+    torch.save(keys, bad_keys)
     msg = r"bad_keys.bin: missing keys \['0.bias', '2.bias', '2.weight'\], unexpected keys \['4.bias'\]"
     with pytest.raises(ValueError, match=msg):
         load_mm_projector(model, bad_keys)
