@@ -20,13 +20,13 @@ from minillava import distributed as D
 from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
-from minillava.formats import check_paths, initial_state, run_configs, run_settings
+from minillava.formats import check_paths, initial_state, run_configs, run_manifest, run_settings
 from minillava.layout import Batch, LayoutCollator
 from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.outputs import DISK_FULL, lock_output_dir, save_final
+from minillava.outputs import DISK_FULL, lock_output_dir, next_steps, save_final
 from minillava.preemption import EXIT_CODE, Preempted, StopRequest, ignore_sigterm
 from minillava.sampler import DistributedModalityLengthSampler
 
@@ -48,18 +48,21 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Con
         loss = loss_sum / n_step if global_token else loss_sum / max(n_tok, 1) / len(micro_batches)
         loss.backward()  # a fully masked micro-batch has loss 0 and zero gradients, never NaN
         losses.append(loss.detach())
-    grad_norm = D.clip_grad_norm(model, cfg.train.max_grad_norm)
+    grad_norms = D.clip_grad_norm(model, cfg.train.max_grad_norm)  # the total and per component (llm, projector)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     # Logging, one device read: llava = mean of micro-batch means (then / ranks); global_token = this rank's share of
     # the step's global token mean (summed over ranks).
-    stats = [torch.stack(losses).sum(), float(sum(counts)), float(sum(n == 0 for n in counts))]
-    loss_val, tokens_total, empty = D.all_reduce(stats)
+    host = [sum(counts), sum(n == 0 for n in counts), sum(b.num_text_only for b in micro_batches),
+            sum(b.num_lost_labels for b in micro_batches)]  # fmt: skip
+    loss_val, tokens_total, empty, text_only, lost = D.all_reduce([torch.stack(losses).sum(), *map(float, host)])
     loss_val = loss_val if global_token else loss_val / D.world_size()
     if not math.isfinite(loss_val):
         raise FloatingPointError(f"loss is {loss_val}: stopping (check labels, --bf16 and the learning rate)")
-    return {"loss": loss_val, "grad_norm": grad_norm, "label_tokens": tokens_total, "empty_micro_batches": empty}
+    counts_out = {"label_tokens": tokens_total, "empty_micro_batches": empty, "text_only_samples": text_only,
+                  "lost_label_tokens": lost}  # fmt: skip
+    return {"loss": loss_val, **grad_norms, **counts_out}
 
 
 def seed_everything(seed: int) -> None:
@@ -246,6 +249,7 @@ class SampleError(ValueError):
 
 
 def main(argv: list[str] | None = None) -> None:
+    t_start = time.perf_counter()
     if os.environ.get("RANK", "0") != "0":  # flag warnings once, from rank 0
         warnings.filterwarnings("ignore", category=ConfigWarning)
     cfg = parse_args(argv)
@@ -271,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         optimizer, scheduler = build_optimizer(model, t, total_steps)
         dtype = torch.bfloat16 if t.bf16 else torch.float32  # of the saved weights (LLaVA's: the training dtype)
-        ckpt = Checkpointer(cfg, model, optimizer, scheduler, sampler, len(loader.dataset), dtype)
+        manifest = run_manifest(cfg, tokenizer) if info.is_main else None  # saved with checkpoints and outputs
+        ckpt = Checkpointer(cfg, model, optimizer, scheduler, sampler, len(loader.dataset), dtype, manifest)
         start = ckpt.resume()  # 0 unless --resume_from_checkpoint finds a checkpoint
         global_batch = t.per_device_train_batch_size * ga * info.world_size
         D.print0(
@@ -324,9 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                 peak_mem_gb=peak_memory_gb(info.device),
                 mfu=step_flops / dt / (peak * info.world_size) if peak else None,
             )
-            logger.advance()
-            if (step + 1) % t.logging_steps == 0 or step == 0 or stopping:
-                logger.log(step + 1, metrics)
+            logger.record(step + 1, metrics, log=(step + 1) % t.logging_steps == 0 or step == 0 or bool(stopping))
             saved = ckpt.save_if_due(step + 1)
             if stopping and step + 1 < total_steps:
                 saved = saved or ckpt.save(step + 1)
@@ -336,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
                     "run the same command with --resume_from_checkpoint auto"
                 )
         logger.close()
-        save_final(model, cfg, tokenizer, dtype)
-        D.print0(f"done: outputs in {os.path.abspath(t.output_dir)}")
+        save_final(model, cfg, tokenizer, dtype, manifest=manifest)
+        D.print0(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; {logger.summary()}\n{next_steps(cfg)}")
     finally:
         if logger is not None:
             logger.close()  # ends the progress bar before any error is printed

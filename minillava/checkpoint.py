@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from minillava.config import CONFIG_NAME
 from minillava.distributed import broadcast_object, print0
-from minillava.formats import llava_config
+from minillava.formats import MANIFEST_NAME, llava_config, manifest_changes
 from minillava.outputs import (
     MARKER,
     atomic_write,
@@ -174,9 +174,12 @@ class Checkpointer:
     The sampler position saved is the loop's own (DataLoader workers draw ahead of it): step // steps_per_epoch,
     step % steps_per_epoch x GA micro-batches."""
 
-    def __init__(self, cfg, model: nn.Module, optimizer, scheduler, sampler, dataset_length: int, dtype) -> None:
+    def __init__(
+        self, cfg, model: nn.Module, optimizer, scheduler, sampler, dataset_length: int, dtype, manifest=None
+    ) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler, self.sampler = cfg, model, optimizer, scheduler, sampler
         self.dtype = dtype  # of mm_projector.bin
+        self.manifest = manifest  # rank 0's formats.run_manifest, saved with every checkpoint
         t = cfg.train
         self.shape = {
             "world_size": dist.get_world_size(),
@@ -216,6 +219,8 @@ class Checkpointer:
             trainer = {"step": step, "sampler": sampler, "scheduler": self.scheduler.state_dict(), "run": self.shape}
             write_json(os.path.join(tmp, STATE_NAME), trainer)
             write_json(os.path.join(tmp, CONFIG_NAME), self.cfg.to_dict())
+            if self.manifest is not None:
+                write_json(os.path.join(tmp, MANIFEST_NAME), self.manifest)
             if self.cfg.model.tune_mm_mlp_adapter:
                 write_json(os.path.join(tmp, "config.json"), llava_config(self.model, self.cfg, self.dtype))
         dist.barrier()  # every rank's files are in tmp
@@ -302,6 +307,12 @@ class Checkpointer:
         if diffs:
             print0(f"resuming with changed settings (checkpoint -> now): {', '.join(diffs)}. Learning rates and "
                     "weight decay stay the checkpoint's; warmup and total steps follow the current flags")  # fmt: skip
+        manifest = os.path.join(path, MANIFEST_NAME)
+        if self.manifest is not None and os.path.isfile(manifest):  # rank 0 holds the manifest
+            changes = manifest_changes(read_json(manifest), self.manifest)
+            if changes:
+                print(f"warning: {path} was written by a different setup (checkpoint -> now): {'; '.join(changes)}. "
+                      "The run continues, but it may no longer match an uninterrupted one")  # fmt: skip
 
 
 def _rotate(output_dir: str, limit: int | None, keep: str) -> None:

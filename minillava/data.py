@@ -135,8 +135,9 @@ def describe(i: int, record: Any, data_path: str) -> str:
 class LazySupervisedDataset(Dataset):
     """LLaVA's LazySupervisedDataset (train.py L658-739): the JSON list in memory, each sample processed on access.
 
-    __getitem__ -> input_ids, labels (LongTensor[T], truncated to model_max_length) and pixel_values
-    (FloatTensor[3, H, W]; zeros of the processor's crop size for text-only samples, as LLaVA L733-735)."""
+    __getitem__ -> input_ids, labels (LongTensor[T], truncated to model_max_length), pixel_values
+    (FloatTensor[3, H, W]; zeros of the processor's crop size for text-only samples, as LLaVA L733-735) and
+    lost_labels (the label tokens truncation cut, image expansion counted: a 0-d LongTensor)."""
 
     def __init__(
         self,
@@ -215,9 +216,13 @@ class LazySupervisedDataset(Dataset):
             raise ValueError(f"{where}: {e}") from None
         # LLaVA truncates text-only samples here and every sample in the collator: the same ids either way, but
         # per sample we can see the ones left without a single supervised token.
+        full = supervised_tokens(torch.tensor(input_ids), torch.tensor(labels), self.image_tokens, len(input_ids) *
+                                 max(self.image_tokens, 1))  # fmt: skip
         input_ids, labels = input_ids[: self.model_max_length], labels[: self.model_max_length]
         out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
-        if supervised_tokens(out["input_ids"], out["labels"], self.image_tokens, self.model_max_length) == 0:
+        kept = supervised_tokens(out["input_ids"], out["labels"], self.image_tokens, self.model_max_length)
+        out["lost_labels"] = torch.tensor(full - kept)  # label tokens truncation cut (logged per step)
+        if kept == 0:
             if any(t != IGNORE_INDEX for t in labels[1:]):  # the text fits; its image tokens push the answers out
                 reason = (f"its {self.image_tokens} image tokens push all its answers past "
                           f"model_max_length={self.model_max_length}")  # fmt: skip
@@ -257,6 +262,8 @@ class DataCollator:
         }
         if "pixel_values" in instances[0]:
             batch["pixel_values"] = torch.stack([x["pixel_values"] for x in instances])  # (B, 3, H, W)
+        if "lost_labels" in instances[0]:  # the dataset's count of label tokens truncation cut, for logging
+            batch["lost_labels"] = sum(int(x["lost_labels"]) for x in instances)
         return batch
 
 

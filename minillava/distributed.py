@@ -204,19 +204,24 @@ def print0(*args: object) -> None:
         print(*args, flush=True)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Total gradient norm over all ranks' shards (DTensor-aware), and with max_norm > 0 every gradient scaled by
-    min(1, max_norm / norm), as torch.nn.utils.clip_grad_norm_ does on an unsharded model. LLaVA v1.5 ran with no
-    clipping (scripts/zero2.json and zero3.json set no gradient_clipping), hence off by default.
+def clip_grad_norm(model: nn.Module, max_norm: float) -> dict[str, float]:
+    """Gradient norms over all ranks' shards (DTensor-aware): `grad_norm` of everything and `grad_norm_<child>` of
+    each top-level child with gradients (llm, mm_projector); with max_norm > 0 every gradient is scaled by
+    min(1, max_norm / grad_norm), as torch.nn.utils.clip_grad_norm_ does on an unsharded model. LLaVA v1.5 ran with
+    no clipping (scripts/zero2.json and zero3.json set no gradient_clipping), hence off by default.
 
     get_total_norm over sharded gradients gives a DTensor with a pending (partial) reduction: full_tensor() is the
-    one all-reduce that makes it the global norm. clip_grads_with_norm_ takes the *parameters* (it reads .grad)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+    all-reduce that makes it global. clip_grads_with_norm_ takes the *parameters* (it reads .grad). One host read."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            groups.setdefault(name.split(".")[0], []).append(p)
+    if not groups:
+        return {"grad_norm": 0.0}
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0) for params in groups.values()]
+    per_child = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms])
+    total = torch.linalg.vector_norm(per_child)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+        torch.nn.utils.clip_grads_with_norm_([p for params in groups.values() for p in params], max_norm, total)
+    values = torch.cat([total[None], per_child]).tolist()
+    return {"grad_norm": values[0], **{f"grad_norm_{child}": v for child, v in zip(groups, values[1:], strict=True)}}

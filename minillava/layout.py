@@ -27,7 +27,7 @@ from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 @dataclass(frozen=True, eq=False)
 class Batch(Mapping):
     """One micro-batch in its final layout. As a Mapping it is the forward's keyword arguments (model(**batch));
-    the host facts (`seq_lens`, `num_label_tokens`, `num_images`) are attributes only."""
+    the host facts (`seq_lens`, `num_label_tokens`, `num_images`, ...) are attributes only."""
 
     input_ids: Tensor  # (B, T) or (1, N) long: token ids, 0 at image positions (their embedding is replaced)
     position_ids: Tensor  # same shape: 0, 1, ... within each sample (0 on padding)
@@ -43,6 +43,8 @@ class Batch(Mapping):
     seq_lens: tuple[int, ...]  # every sample's LLM length after expansion and truncation
     num_label_tokens: int  # L: labels that get a loss (the model's num_tokens)
     num_images: int  # images the layout consumes: placeholders + one zero image per text-only sample
+    num_text_only: int = 0  # samples without an image
+    num_lost_labels: int = 0  # label tokens truncation cut from these samples (the dataset's count; logging only)
 
     INPUTS = ("input_ids", "position_ids", "pixel_values", "image_pos", "image_rows", "label_pos", "label_ids")
 
@@ -108,12 +110,14 @@ def lay_out(raw: dict[str, Tensor], *, image_tokens: int, max_len: int, padding_
     attention_mask, pixel_values) -> its final padded or packed layout. Images are consumed in batch order, and a
     text-only sample still owns one image slot (its zero image), as LLaVA's cur_image_idx does."""
     mask = raw["attention_mask"].bool()
-    samples, image_base = [], 0
+    samples, image_base, text_only = [], 0, 0
     for ids, labels, m in zip(raw["input_ids"], raw["labels"], mask, strict=True):
         ids, labels = ids[m], labels[m]
         out_ids, out_labels, pos, rows = _expand(ids, labels, image_tokens, max_len)
         samples.append((out_ids, out_labels, pos, rows + image_base * image_tokens))
-        image_base += max(int((ids == IMAGE_TOKEN_INDEX).sum()), 1)
+        placeholders = int((ids == IMAGE_TOKEN_INDEX).sum())
+        image_base += max(placeholders, 1)
+        text_only += placeholders == 0
     pixel_values = raw["pixel_values"]
     if pixel_values.shape[0] != image_base:
         n_ph = sum(int((ids[m] == IMAGE_TOKEN_INDEX).sum()) for ids, m in zip(raw["input_ids"], mask, strict=True))
@@ -160,6 +164,8 @@ def lay_out(raw: dict[str, Tensor], *, image_tokens: int, max_len: int, padding_
         seq_lens=seq_lens,
         num_label_tokens=len(label_pos_t),
         num_images=image_base,
+        num_text_only=text_only,
+        num_lost_labels=int(raw.get("lost_labels", 0)),
     )
 
 

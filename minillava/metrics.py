@@ -92,8 +92,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def console_line(step: int, total: int, m: dict) -> str:
+    """One logging step as the console shows it (the JSONL keeps every field)."""
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
+    children = ", ".join(f"{k.removeprefix('grad_norm_')} {v:.3g}" for k, v in m.items() if k.startswith("grad_norm_"))
+    parts.append(f"grad norm {m['grad_norm']:.3g}" + (f" ({children})" if children else ""))
+    parts += [f"{m['samples_per_s']:.1f} samples/s", f"{m['tokens_per_s']:,.0f} tokens/s"]
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    parts += [f"peak {m['peak_mem_gb']:.1f} GB", f"data wait {100 * m['data_wait']:.0f}%",
+              f"text-only {m['text_only_samples']:.0f}", f"labels cut {m['lost_label_tokens']:.0f}"]  # fmt: skip
+    return " | ".join(parts)
+
+
 class MetricsLogger:
-    """Rank-0 sink: a JSONL file in output_dir always, wandb with --report_to wandb (imported lazily), tqdm bar."""
+    """Rank-0 sink: a JSONL file in output_dir always, wandb with --report_to wandb (imported lazily), tqdm bar and
+    a console line per logging step. `loss` is the mean over the steps since the previous log, as HF Trainer logs
+    it; the other fields are the logging step's. summary() is the end-of-run report."""
 
     def __init__(
         self, output_dir: str, *, enabled: bool, total_steps: int, start_step: int, report_to: str, run_config: dict
@@ -101,6 +116,9 @@ class MetricsLogger:
         self.enabled = enabled
         self.wandb = None
         self.bar = None
+        self.total_steps, self.window = total_steps, []
+        self.steps = self.samples = self.tokens = self.peak = 0.0
+        self.start = time.perf_counter()
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -115,19 +133,31 @@ class MetricsLogger:
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+    def record(self, step: int, metrics: dict[str, float], *, log: bool) -> None:
+        """Every step: count it (window loss, totals); log=True: write the record and the console line."""
+        self.window.append(metrics["loss"])
+        self.steps += 1
+        self.samples += metrics["samples_per_s"] * metrics["step_time"]
+        self.tokens += metrics["tokens_per_s"] * metrics["step_time"]
+        self.peak = max(self.peak, metrics["peak_mem_gb"])
+        if self.bar is not None:
+            self.bar.update(1)
+        if not (log and self.enabled):
             return
-        record = {"step": step, "time": time.time(), **metrics}
-        self.file.write(json.dumps(record) + "\n")
+        metrics = {**metrics, "loss": sum(self.window) / len(self.window)}
+        self.window = []
+        self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        self.bar.write(console_line(step, self.total_steps, metrics))
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', 0):.2e}")
 
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
+    def summary(self) -> str:
+        """Time, steps, mean throughput and peak memory of this run (resumed runs: since the resume)."""
+        wall = time.perf_counter() - self.start
+        return (f"trained {self.steps:.0f} steps in {wall / 60:.1f} min: {self.samples / wall:.1f} samples/s, "
+                f"{self.tokens / wall:,.0f} tokens/s on average; peak memory {self.peak:.1f} GB per rank")  # fmt: skip
 
     def close(self) -> None:
         """End the progress bar, the JSONL file and wandb; idempotent (train.main also calls it on errors)."""

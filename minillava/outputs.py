@@ -33,7 +33,15 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from minillava.distributed import broadcast_object
-from minillava.formats import INDEX_NAME, SHARD_NAME, llava_config, mm_projector_content, shard_name, to_llava_key
+from minillava.formats import (
+    INDEX_NAME,
+    MANIFEST_NAME,
+    SHARD_NAME,
+    llava_config,
+    mm_projector_content,
+    shard_name,
+    to_llava_key,
+)
 
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -265,10 +273,13 @@ def _publish(stage: str, out: str) -> None:
     os.rmdir(stage)
 
 
-def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, streamed shard by shard. Everything is
-    written into a staging directory inside output_dir and renamed into place at the end, so a kill mid-save
-    leaves no partial file in output_dir. Collective: call on all ranks."""
+def save_final(
+    model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30, manifest=None
+) -> None:
+    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, streamed shard by shard. Both with the
+    run's manifest.json (formats.run_manifest) when given. Everything is written into a staging directory inside
+    output_dir and renamed into place at the end, so a kill mid-save leaves no partial file in output_dir.
+    Collective: call on all ranks."""
     out = cfg.train.output_dir
     stage = make_tmp_dir(out, ".final.tmp-")
     with removed_on_error(stage, out, out):
@@ -284,6 +295,20 @@ def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_b
                 sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
                 if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
                     shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
+            if manifest is not None:
+                write_json(os.path.join(stage, MANIFEST_NAME), manifest)
             write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
             _publish(stage, out)
     dist.barrier()
+
+
+def next_steps(cfg) -> str:
+    """What the final outputs are and how to use them, printed at the end of a run."""
+    out = os.path.abspath(cfg.train.output_dir)
+    if cfg.model.tune_mm_mlp_adapter:
+        return (f"projector: {out}/mm_projector.bin. Next, stage 2 (LLaVA's finetune.sh): the same launcher with "
+                f"train.py --stage 2 --pretrain_mm_mlp_adapter {out}/mm_projector.bin --data_path <instruction "
+                "data> --output_dir <stage-2 dir>")  # fmt: skip
+    return (f"model: {out} (LLaVA stage-2 format). Try it: python -m minillava.generate --checkpoint {out} --image "
+            f"<image> --prompt <question>; as a llava-hf folder: python -m minillava.export --checkpoint {out} "
+            f"--output {out}-hf")  # fmt: skip

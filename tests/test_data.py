@@ -237,7 +237,7 @@ def test_dataset_items(llava_data, tokenizer, image_processor):
     assert len(ds) == len(records) == 8
     for i, rec in enumerate(records):
         item = ds[i]
-        assert set(item) == {"input_ids", "labels", "pixel_values"}
+        assert set(item) == {"input_ids", "labels", "pixel_values", "lost_labels"} and item["lost_labels"] == 0
         assert item["input_ids"].dtype == item["labels"].dtype == torch.long
         assert item["pixel_values"].shape == (3, 28, 28) and item["pixel_values"].dtype == torch.float32
         ids, labels = preprocess(rec["conversations"], tokenizer, "v1", "image" in rec)
