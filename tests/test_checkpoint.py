@@ -230,6 +230,31 @@ def test_sigterm_and_a_dead_agent_stop_with_a_checkpoint_then_resume_exactly(dat
     torchrun(argv, out)
     assert_same_run(out, stage2_ref)
 
+
+@pytest.mark.dist
+def test_two_nodes_equal_one_node(data, stage2_ref, tmp_path):
+    """Two torchrun agents on this machine as two "nodes" (--nnodes 2 --nproc_per_node 1, c10d rendezvous on
+    127.0.0.1), as the README's multi-node command runs them: the same losses and final weights as one node with 2
+    processes (the reference run), since the ranks, the sampler's shards and the reductions are the same."""
+    import socket
+
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", *rendezvous,
+           "train.py", *flags(data, out, **STAGE2)]  # fmt: skip
+    logs = [open(os.path.join(out, f"node{i}.txt"), "w") for i in range(2)]  # noqa: SIM115
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    codes = [node.wait(timeout=300) for node in nodes]
+    for log in logs:
+        log.close()
+    with open(os.path.join(out, "node0.txt")) as f0, open(os.path.join(out, "node1.txt")) as f1:
+        assert codes == [0, 0], f0.read()[-3000:] + f1.read()[-3000:]
+    assert_same_run(out, stage2_ref)
+
 # LLaVA key prefix -> ours, the longest "model." prefixes first (the inverse of to_llava_key).
 FROM_LLAVA = (
     ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
