@@ -7,6 +7,7 @@
 # epochs in stage 2 because the LLM starts from random weights. minillava/demo.py STAGE{1,2}_FLAGS list the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/setup.sh  # a .venv with CPU torch and minillava, unless `python` already runs minillava
 OUT=${OUT:-demo_out}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank: 2 ranks on 2 cores
 

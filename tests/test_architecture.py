@@ -123,3 +123,25 @@ def test_trainer_and_config_import_no_tool(path):
 def test_model_is_pure_architecture():
     """model.py imports no format, output or distributed code: formats builds on it, never the other way round."""
     assert not _package_imports(os.path.join(PACKAGE, "model.py")) & {"formats", "outputs", "checkpoint", "distributed"}
+
+
+def test_readme_quick_start_is_the_two_commands_ci_runs():
+    """The README's quick start: exactly two commands, each setting itself up; .ci/run runs the second one, and
+    nothing in the repository cites a document outside it."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("## The two commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["bash configs/demo.sh", "bash scripts/test.sh"]
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        assert "bash scripts/test.sh" in f.read()
+    for script in ("configs/demo.sh", "scripts/test.sh"):
+        with open(os.path.join(REPO, script)) as f:
+            assert "source scripts/setup.sh" in f.read(), script
+    outside = re.compile(r"llava-reference\.md|house-style\.md|peers\.md|\.\./shared")
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") or d == ".ci"]
+        for name in files:
+            if name.endswith((".py", ".md", ".sh", ".toml", ".json", ".txt")) or root.endswith(".ci"):
+                with open(os.path.join(root, name), errors="ignore") as f:
+                    assert not outside.search(f.read()), os.path.join(root, name)
