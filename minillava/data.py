@@ -2,9 +2,12 @@
 (llava/train/train.py L658-773: LazySupervisedDataset, DataCollatorForSupervisedDataset). Scan a dataset
 before a long run with `python -m minillava.check_data --data_path ... --image_folder ...`."""
 
+import fcntl
 import json
 import logging
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -17,6 +20,7 @@ from torch.utils.data import Dataset
 
 from minillava.constants import IGNORE_INDEX
 from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
+from minillava.formats import read_records_cache, records_cache_dir, write_records_cache
 from minillava.layout import supervised_tokens
 
 logger = logging.getLogger(__name__)
@@ -101,21 +105,87 @@ def process_image(img: Image.Image, processor: Any, image_aspect_ratio: str) -> 
     return processor.preprocess(img, return_tensors="pt")["pixel_values"][0]
 
 
-def load_records(data_path: str) -> list:
-    """json.load the whole data file once (train.py L664); it must be a list of samples."""
+WORDS_INVALID = -(2**31)  # RecordFile.words of a record without turns or words (named when lengths are read)
+
+
+class RecordFile(Sequence):
+    """The records of a LLaVA JSON list, compact: their JSON texts in one file (the records cache, built once per
+    data file by load_records), read with os.pread when a sample is accessed, plus two numpy arrays: byte offsets
+    and signed word counts (LLaVA's modality lengths). No Python object per record stays in memory, so a rank
+    holds a few bytes per sample instead of the parsed list, and forked DataLoader workers do not copy pages by
+    touching reference counts. Indexing gives exactly what json.load(data_path)[i] gives."""
+
+    def __init__(self, path: str, offsets, words) -> None:
+        self.path, self.offsets, self.words = path, offsets, words
+        self._fd, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices, IndexError
+        if self._pid != os.getpid():  # an fd per process (pread is positionless, but a pickled copy has none)
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return json.loads(os.pread(self._fd, end - start, start))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+
+def _signed_words(record: Any) -> int:
     try:
-        with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale says
-            records = json.load(f)
+        n = word_count(record)
+    except ValueError:
+        return WORDS_INVALID
+    return WORDS_INVALID if n == 0 else n if "image" in record else -n
+
+
+def _scan_records(data_path: str, text: str):
+    """(exact JSON text, signed word count) of each record of the list in `text`, parsed one record at a time."""
+    decoder, space = json.JSONDecoder(), re.compile(r"\s*")
+    pos = space.match(text).end()
+    if text[pos : pos + 1] != "[":
+        got = type(json.loads(text)).__name__  # a JSONDecodeError if it is not JSON at all
+        raise ValueError(f"--data_path {data_path}: expected a JSON list of samples, got a {got}")
+    pos = space.match(text, pos + 1).end()
+    if text[pos : pos + 1] == "]":
+        raise ValueError(f"--data_path {data_path}: the list holds no samples")
+    while True:
+        record, end = decoder.raw_decode(text, pos)
+        yield text[pos:end].encode(), _signed_words(record)
+        pos = space.match(text, end).end()
+        if text[pos : pos + 1] == "]":
+            break
+        if text[pos : pos + 1] != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = space.match(text, pos + 1).end()
+    if space.match(text, pos + 1).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, pos + 1)
+
+
+def load_records(data_path: str) -> RecordFile:
+    """The data file's records (a JSON list, as LLaVA's json.load at train.py L664), from the records cache: built
+    on first use by one process per machine (the others wait on a file lock), reused by every later run, rank,
+    worker and check_data until the file changes (formats.records_cache_dir)."""
+    try:
+        folder = records_cache_dir(data_path)
+        if (cached := read_records_cache(folder)) is None:
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            with open(folder + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when a builder dies
+                if (cached := read_records_cache(folder)) is None:
+                    with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
+                        write_records_cache(folder, _scan_records(data_path, f.read()))
+                    cached = read_records_cache(folder)
     except UnicodeDecodeError as e:
         raise ValueError(f"--data_path {data_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                          f"{e.start}); save the file as UTF-8") from None  # fmt: skip
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from None
-    if not isinstance(records, list):
-        raise ValueError(f"--data_path {data_path}: expected a JSON list of samples, got a {type(records).__name__}")
-    if not records:
-        raise ValueError(f"--data_path {data_path}: the list holds no samples")
-    return records
+    return RecordFile(*cached)
 
 
 def word_count(record: Any) -> int:
@@ -170,17 +240,18 @@ class LazySupervisedDataset(Dataset):
 
     @cached_property
     def modality_lengths(self) -> list[int]:
-        """Word count per sample, positive with an image, negative without (train.py L683-690); validates them all."""
-        out = []
-        for i, record in enumerate(self.records):
+        """Word count per sample, positive with an image, negative without (train.py L683-690), counted once when
+        the records cache was built; the first invalid sample is named."""
+        words = self.records.words
+        for i in (words == WORDS_INVALID).nonzero()[0][:1]:
+            record = self.records[int(i)]
             try:
-                n = word_count(record)
+                word_count(record)
             except ValueError as e:
-                raise ValueError(f"{describe(i, record, self.data_path)}: {e}") from None
-            if n == 0:  # its sign could not carry the modality; LLaVA's sampler asserts on it
-                raise ValueError(f"{describe(i, record, self.data_path)}: the sample has zero words")
-            out.append(n if "image" in record else -n)
-        return out
+                raise ValueError(f"{describe(int(i), record, self.data_path)}: {e}") from None
+            # zero words: its sign could not carry the modality; LLaVA's sampler asserts on it
+            raise ValueError(f"{describe(int(i), record, self.data_path)}: the sample has zero words")
+        return words.tolist()
 
     @property
     def lengths(self) -> list[int]:

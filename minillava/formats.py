@@ -9,6 +9,7 @@
 - pretrained LLM / CLIP folders (safetensors, sharded or not, or pytorch_model*.bin).
 - the run's start: model configs, LlavaSettings and rank 0's full initial weights from the flags.
 - manifest.json: what a run's result depends on beyond its flags (code, library versions, data, tokenizer).
+- the records cache: a data file's records as one byte buffer + offsets and word counts (data.load_records).
 
 No torch.distributed: tensors come back as stored; callers cast, shard and gather (outputs.py writes).
 """
@@ -18,7 +19,9 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import fields
 
@@ -530,3 +533,54 @@ def manifest_changes(old: dict, new: dict) -> list[str]:
         if old.get(key) != new[key]:
             changes.append(f"{what} (sha256 {str(old.get(key))[:12]} -> {new[key][:12]})")
     return changes
+
+
+# ---------------------------------------------------------------------------------------------- the records cache
+
+RECORDS_VERSION = 1  # bump when the layout below changes: older caches are then rebuilt
+
+
+def records_cache_dir(data_path: str) -> str:
+    """Where the compact form of a data file lives: $MINILLAVA_CACHE (default ~/.cache/minillava)/records/<key>,
+    the key naming the file's real path, size and modification time, so an edited file gets a new cache."""
+    st = os.stat(data_path)
+    key = f"{os.path.realpath(data_path)}|{st.st_size}|{st.st_mtime_ns}|{RECORDS_VERSION}"
+    root = os.environ.get("MINILLAVA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minillava")
+    return os.path.join(root, "records", hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def write_records_cache(folder: str, records: Iterable[tuple[bytes, int]]) -> None:
+    """records.bin: every record's JSON text (UTF-8, byte for byte the data file's) one after another;
+    index.npz: offsets (int64, n + 1) into it and each record's signed word count (int32; see data.RecordFile).
+    Written into a temporary folder and renamed into place (a concurrent writer's result is kept instead)."""
+    import numpy as np
+
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+    try:
+        offsets, words = [0], []
+        with open(os.path.join(tmp, "records.bin"), "wb") as f:
+            for text, n in records:
+                f.write(text)
+                offsets.append(offsets[-1] + len(text))
+                words.append(n)
+        np.savez(os.path.join(tmp, "index.npz"), offsets=np.array(offsets, dtype=np.int64),
+                 words=np.array(words, dtype=np.int32))  # fmt: skip
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.isdir(folder):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_records_cache(folder: str):
+    """(path of records.bin, offsets, words) of a complete cache folder, else None."""
+    import numpy as np
+
+    try:
+        with np.load(os.path.join(folder, "index.npz")) as index:
+            return os.path.join(folder, "records.bin"), index["offsets"], index["words"]
+    except (OSError, KeyError, ValueError):
+        return None

@@ -5,11 +5,13 @@ import json
 import os
 import random
 import struct
+import tempfile
 import zlib
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MINILLAVA_CACHE", tempfile.mkdtemp(prefix="minillava-cache-"))  # records caches: not ~/.cache
 
 import pytest
 import torch
