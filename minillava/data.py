@@ -105,15 +105,16 @@ def process_image(img: Image.Image, processor: Any, image_aspect_ratio: str) -> 
     return processor.preprocess(img, return_tensors="pt")["pixel_values"][0]
 
 
+_DECODER = json.JSONDecoder()
 WORDS_INVALID = -(2**31)  # RecordFile.words of a record without turns or words (named when lengths are read)
 
 
 class RecordFile(Sequence):
-    """The records of a LLaVA JSON list, compact: their JSON texts in one file (the records cache, built once per
-    data file by load_records), read with os.pread when a sample is accessed, plus two numpy arrays: byte offsets
-    and signed word counts (LLaVA's modality lengths). No Python object per record stays in memory, so a rank
-    holds a few bytes per sample instead of the parsed list, and forked DataLoader workers do not copy pages by
-    touching reference counts. Indexing gives exactly what json.load(data_path)[i] gives."""
+    """The records of a LLaVA JSON list, compact: two numpy arrays (the records cache, built once per data file by
+    load_records), each record's byte offset in the data file and its signed word count (LLaVA's modality
+    lengths); a record is read from the file (os.pread) and parsed when a sample is accessed. No Python object per
+    record stays in memory, so a rank holds 12 bytes per sample instead of the parsed list, and forked DataLoader
+    workers do not copy pages by touching reference counts. Indexing gives exactly json.load(data_path)[i]."""
 
     def __init__(self, path: str, offsets, words) -> None:
         self.path, self.offsets, self.words = path, offsets, words
@@ -128,8 +129,8 @@ class RecordFile(Sequence):
         i = range(len(self))[i]  # negative indices, IndexError
         if self._pid != os.getpid():  # an fd per process (pread is positionless, but a pickled copy has none)
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return json.loads(os.pread(self._fd, end - start, start))
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])  # the record, then a separator
+        return _DECODER.raw_decode(os.pread(self._fd, end - start, start).decode())[0]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None, "_pid": None}
@@ -144,8 +145,9 @@ def _signed_words(record: Any) -> int:
 
 
 def _scan_records(data_path: str, text: str):
-    """(exact JSON text, signed word count) of each record of the list in `text`, parsed one record at a time."""
-    decoder, space = json.JSONDecoder(), re.compile(r"\s*")
+    """(start, end, signed word count) of each record of the list in `text` (character offsets of its JSON text),
+    parsed one record at a time: the parsed list is never held."""
+    space = re.compile(r"\s*")
     pos = space.match(text).end()
     if text[pos : pos + 1] != "[":
         got = type(json.loads(text)).__name__  # a JSONDecodeError if it is not JSON at all
@@ -154,8 +156,8 @@ def _scan_records(data_path: str, text: str):
     if text[pos : pos + 1] == "]":
         raise ValueError(f"--data_path {data_path}: the list holds no samples")
     while True:
-        record, end = decoder.raw_decode(text, pos)
-        yield text[pos:end].encode(), _signed_words(record)
+        record, end = _DECODER.raw_decode(text, pos)
+        yield pos, end, _signed_words(record)
         pos = space.match(text, end).end()
         if text[pos : pos + 1] == "]":
             break
@@ -164,6 +166,24 @@ def _scan_records(data_path: str, text: str):
         pos = space.match(text, pos + 1).end()
     if space.match(text, pos + 1).end() != len(text):
         raise json.JSONDecodeError("Extra data", text, pos + 1)
+
+
+def _byte_offsets(text: str, records) -> tuple[list[int], list[int]]:
+    """The records' UTF-8 byte offsets in the file (each start, then the last one's end) and word counts."""
+    starts, ends, words = [], [0], []
+    for start, end, n in records:
+        starts.append(start)
+        ends[0] = end
+        words.append(n)
+    chars = starts + ends
+    if text.isascii():  # one byte per character
+        return chars, words
+    offsets, done, nbytes = [], 0, 0
+    for c in chars:
+        nbytes += len(text[done:c].encode())
+        offsets.append(nbytes)
+        done = c
+    return offsets, words
 
 
 def load_records(data_path: str) -> RecordFile:
@@ -178,14 +198,15 @@ def load_records(data_path: str) -> RecordFile:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when a builder dies
                 if (cached := read_records_cache(folder)) is None:
                     with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
-                        write_records_cache(folder, _scan_records(data_path, f.read()))
+                        text = f.read()
+                    write_records_cache(folder, *_byte_offsets(text, _scan_records(data_path, text)))
                     cached = read_records_cache(folder)
     except UnicodeDecodeError as e:
         raise ValueError(f"--data_path {data_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                          f"{e.start}); save the file as UTF-8") from None  # fmt: skip
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from None
-    return RecordFile(*cached)
+    return RecordFile(data_path, *cached)
 
 
 def word_count(record: Any) -> int:

@@ -9,7 +9,7 @@
 - pretrained LLM / CLIP folders (safetensors, sharded or not, or pytorch_model*.bin).
 - the run's start: model configs, LlavaSettings and rank 0's full initial weights from the flags.
 - manifest.json: what a run's result depends on beyond its flags (code, library versions, data, tokenizer).
-- the records cache: a data file's records as one byte buffer + offsets and word counts (data.load_records).
+- the records cache: where each record of a data file starts, and its word count (data.load_records).
 
 No torch.distributed: tensors come back as stored; callers cast, shard and gather (outputs.py writes).
 """
@@ -19,9 +19,7 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from dataclasses import fields
 
@@ -549,38 +547,24 @@ def records_cache_dir(data_path: str) -> str:
     return os.path.join(root, "records", hashlib.sha256(key.encode()).hexdigest()[:24])
 
 
-def write_records_cache(folder: str, records: Iterable[tuple[bytes, int]]) -> None:
-    """records.bin: every record's JSON text (UTF-8, byte for byte the data file's) one after another;
-    index.npz: offsets (int64, n + 1) into it and each record's signed word count (int32; see data.RecordFile).
-    Written into a temporary folder and renamed into place (a concurrent writer's result is kept instead)."""
+def write_records_cache(folder: str, offsets: list[int], words: list[int]) -> None:
+    """index.npz: the byte offset of every record's JSON text in the data file (int64, n records + 1: record i is
+    bytes offsets[i]:offsets[i + 1], separators included) and each record's signed word count (int32, see
+    data.RecordFile). Written under a temporary name and renamed into place."""
     import numpy as np
 
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
-    try:
-        offsets, words = [0], []
-        with open(os.path.join(tmp, "records.bin"), "wb") as f:
-            for text, n in records:
-                f.write(text)
-                offsets.append(offsets[-1] + len(text))
-                words.append(n)
-        np.savez(os.path.join(tmp, "index.npz"), offsets=np.array(offsets, dtype=np.int64),
-                 words=np.array(words, dtype=np.int32))  # fmt: skip
-        os.rename(tmp, folder)
-    except OSError:
-        if not os.path.isdir(folder):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"index.tmp{os.getpid()}.npz")
+    np.savez(tmp, offsets=np.array(offsets, dtype=np.int64), words=np.array(words, dtype=np.int32))
+    os.replace(tmp, os.path.join(folder, "index.npz"))
 
 
 def read_records_cache(folder: str):
-    """(path of records.bin, offsets, words) of a complete cache folder, else None."""
+    """(offsets, words) of a complete cache folder, else None."""
     import numpy as np
 
     try:
         with np.load(os.path.join(folder, "index.npz")) as index:
-            return os.path.join(folder, "records.bin"), index["offsets"], index["words"]
+            return index["offsets"], index["words"]
     except (OSError, KeyError, ValueError):
         return None
