@@ -33,7 +33,15 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from minillava.distributed import broadcast_object
-from minillava.formats import INDEX_NAME, SHARD_NAME, llava_config, mm_projector_content, shard_name, to_llava_key
+from minillava.formats import (
+    INDEX_NAME,
+    SHARD_NAME,
+    llava_config,
+    local_folder,
+    mm_projector_content,
+    shard_name,
+    to_llava_key,
+)
 
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -281,7 +289,8 @@ def save_final(model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_b
                 write_json(os.path.join(stage, INDEX_NAME), index)
                 model.llm.generation_config.save_pretrained(stage)
                 tokenizer.save_pretrained(stage)
-                sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
+                llm = local_folder(cfg.model.model_name_or_path, "--model_name_or_path")
+                sp_model = os.path.join(llm, "tokenizer.model")
                 if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
                     shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
             write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
