@@ -20,7 +20,17 @@ from minillava import distributed as D
 from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
-from minillava.formats import check_paths, initial_state, run_configs, run_manifest, run_settings
+from minillava.formats import (
+    check_model_files,
+    check_paths,
+    download,
+    initial_state,
+    local_folder,
+    model_names,
+    run_configs,
+    run_manifest,
+    run_settings,
+)
 from minillava.layout import Batch, LayoutCollator
 from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
@@ -237,6 +247,29 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
         yield epoch, batch, lambda before=before, after=after: before.elapsed_time(after) / 1e3
 
 
+def fetch_models(cfg: Config, info: D.DistInfo) -> None:
+    """Model flags given as hub ids (lmsys/vicuna-7b-v1.5, as LLaVA's scripts pass them): each node's first rank
+    downloads what the node's hub cache lacks (formats.download; nothing when HF_HUB_OFFLINE=1) while the other ranks
+    wait, then every rank finds them there and runs the start-up checks that read them (formats.check_model_files).
+    Local folders need none of this (check_paths checked them)."""
+    names = model_names(cfg)
+    if not names:
+        return
+    failed = None
+    if info.local_rank == 0:
+        try:
+            for flag, name in names.items():
+                download(name, flag)
+        except Exception as e:  # raised after the barrier: the waiting ranks must not hang
+            failed = e
+    D.barrier()
+    if failed is not None:
+        raise failed
+    for flag, name in names.items():
+        local_folder(name, flag)
+    check_model_files(cfg)
+
+
 class SampleError(ValueError):
     """A bad sample met in the training loop: only the rank that read it knows, so that rank reports it."""
 
@@ -259,14 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     t = cfg.train
     logger = lock = None
     try:
+        fetch_models(cfg, info)  # hub ids: downloaded once per node, before anything is written to --output_dir
         lock = lock_output_dir(t.output_dir)  # one run per --output_dir, claimed before anything is written there
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
         if info.is_main:
             D.print0(format_config(cfg))
             save_config(cfg, t.output_dir)
-        tokenizer = load_tokenizer(cfg.model.model_name_or_path, t.model_max_length)
-        image_processor = load_image_processor(cfg.model.vision_tower)
+        m = cfg.model  # its flags keep the names given (a hub id is recorded as such); files come from local folders
+        tokenizer = load_tokenizer(local_folder(m.model_name_or_path, "--model_name_or_path"), t.model_max_length)
+        image_processor = load_image_processor(local_folder(m.vision_tower, "--vision_tower"))
         model, flops = build_model(cfg, info)
         loader, sampler = build_loader(cfg, tokenizer, image_processor, info, model.num_image_tokens)
         ga = t.gradient_accumulation_steps

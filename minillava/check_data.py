@@ -6,7 +6,8 @@
 Always checked: record structure, turns (for --version), word counts, and every image decoded as training decodes it
 (minillava.data.open_image: readable, a supported PIL mode, within the size bounds for --image_aspect_ratio). With a
 tokenizer: tokenization, label placement, samples left with no supervised token after truncation. With
---vision_tower: the CLIP processor as well. Prints every bad record (index, id, reason); exits 1 if any."""
+--vision_tower: the CLIP processor as well. Both may be hub ids, as for training (read from the hub cache, downloaded
+into it unless HF_HUB_OFFLINE=1). Prints every bad record (index, id, reason); exits 1 if any."""
 
 import argparse
 import os
@@ -28,6 +29,7 @@ from minillava.data import (
     process_image,
     word_count,
 )
+from minillava.formats import fetch
 from minillava.layout import supervised_tokens
 
 BLOCK = 2048  # records handed to the thread pool at a time (bounded memory, a live progress bar)
@@ -83,17 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         get_template(args.version)
         records = load_records(args.data_path)
+        llm = fetch(args.model_name_or_path, "--model_name_or_path") if args.model_name_or_path else None
+        clip = fetch(args.vision_tower, "--vision_tower") if args.vision_tower else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(args.model_name_or_path, args.model_max_length) if args.model_name_or_path else None
-    processor = load_image_processor(args.vision_tower) if args.vision_tower else None
+    tokenizer = load_tokenizer(llm, args.model_max_length) if llm else None
+    processor = load_image_processor(clip) if clip else None
     if args.image_tokens is None:
         args.image_tokens = 576
-        if args.vision_tower:
+        if clip:
             from transformers import CLIPVisionConfig
 
-            vision = CLIPVisionConfig.from_pretrained(args.vision_tower)
+            vision = CLIPVisionConfig.from_pretrained(clip)
             args.image_tokens = (vision.image_size // vision.patch_size) ** 2
     reasons: list[str | None] = []
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool, tqdm(total=len(records), unit="sample") as bar:

@@ -210,7 +210,7 @@ class Config:
         _check(0.0 <= v["warmup_ratio"] <= 1.0, "warmup_ratio", v["warmup_ratio"], "must be in [0, 1]")
         _check(v["max_steps"] > 0 or v["num_train_epochs"] > 0, "num_train_epochs", v["num_train_epochs"],
                "must be > 0 unless --max_steps > 0")  # fmt: skip
-        # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats.check_paths.
+        # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats.check_model_files.
         adapter, init = v["pretrain_mm_mlp_adapter"], v["init_projector"]
         if init == "random" and adapter is not None:
             raise ValueError("--init_projector random contradicts --pretrain_mm_mlp_adapter; give one of them")

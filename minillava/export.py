@@ -3,6 +3,9 @@
     python -m minillava.export --checkpoint STAGE2_DIR --output HF_DIR [--vision_tower CLIP_DIR]
     python -m minillava.export --model_name_or_path LLM --pretrain_mm_mlp_adapter BIN --vision_tower CLIP --output DIR
 
+Each folder may be a hub id instead (lmsys/vicuna-7b-v1.5, openai/clip-vit-large-patch14-336, and a checkpoint's
+mm_vision_tower): read from the hub cache, downloaded into it first unless HF_HUB_OFFLINE=1 (formats.fetch).
+
 A leaf tool on minillava.formats (which reads every folder kind and knows the llava-hf layout); this module adds
 what only an export needs: the new <image> / <pad> rows (as convert_llava_weights_to_hf.py), the tokenizer, the chat
 template and the processor.
@@ -23,6 +26,8 @@ from minillava.formats import (
     EMBEDDINGS,
     build_hf_model,
     checkpoint_kind,
+    fetch,
+    fetch_checkpoint,
     hf_config,
     load_llava_checkpoint_state,
     pretrained_state_dict,
@@ -84,14 +89,16 @@ def add_llava_tokens(tokenizer: Any) -> int:
 
 
 def _source(checkpoint: str | None, llm: str | None, adapter: str | None, clip: str | None) -> tuple:
-    """(settings, llm_config, vision_config, state, CLIP folder, tokenizer folder) of either export source."""
+    """(settings, llm_config, vision_config, state, CLIP folder, tokenizer folder) of either export source; folders
+    and hub ids in, local folders out."""
     if checkpoint:
-        if checkpoint_kind(checkpoint) != "llava":
+        folder, clip = fetch_checkpoint(checkpoint, clip)
+        if checkpoint_kind(folder) != "llava":
             raise ValueError(f"--checkpoint {checkpoint!r}: not a LLaVA-format stage-2 folder (model_type llava_llama)")
-        s = read_settings(checkpoint)
-        return s, *load_llava_checkpoint_state(checkpoint, clip), clip or s.vision_tower, checkpoint
+        return read_settings(folder), *load_llava_checkpoint_state(folder, clip), clip, folder
     if not (llm and adapter and clip):
         raise ValueError("give --checkpoint, or all of --model_name_or_path, --pretrain_mm_mlp_adapter, --vision_tower")
+    llm, clip = fetch(llm, "--model_name_or_path"), fetch(clip, "--vision_tower")
     stage1 = os.path.dirname(os.path.abspath(adapter))  # a stage-1 output_dir has LLaVA's config.json next to it
     s = read_settings(stage1) if checkpoint_kind(stage1) == "llava" else LlavaSettings()
     llm_config, vision_config = LlamaConfig.from_pretrained(llm), CLIPVisionConfig.from_pretrained(clip)
@@ -145,10 +152,10 @@ def export_llava_hf(
 def main(argv: list[str] | None = None) -> None:
     """CLI: see the module docstring."""
     p = argparse.ArgumentParser(prog="python -m minillava.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="LLaVA-format stage-2 folder (minillava's or LLaVA's)")
-    p.add_argument("--model_name_or_path", help="base LLM folder (with --pretrain_mm_mlp_adapter)")
+    p.add_argument("--checkpoint", help="LLaVA-format stage-2 folder (minillava's or LLaVA's), or hub id")
+    p.add_argument("--model_name_or_path", help="base LLM folder or hub id (with --pretrain_mm_mlp_adapter)")
     p.add_argument("--pretrain_mm_mlp_adapter", help="stage-1 mm_projector.bin")
-    p.add_argument("--vision_tower", help="CLIP folder (default: the checkpoint's mm_vision_tower)")
+    p.add_argument("--vision_tower", help="CLIP folder or hub id (default: the checkpoint's mm_vision_tower)")
     p.add_argument("--output", required=True, help="llava-hf folder to write")
     p.add_argument("--version", default="v1", help="conversation template for the chat template")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")

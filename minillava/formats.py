@@ -6,7 +6,8 @@
 - a LLaVA stage-2 folder: config.json (LlavaLlamaForCausalLM, model_type llava_llama, LLaVA's mm_* fields) plus
   sharded safetensors and their index, as llava/model/builder.py load_pretrained_model reads it.
 - a llava-hf folder: transformers' LlavaForConditionalGeneration (convert_llava_weights_to_hf.py).
-- pretrained LLM / CLIP folders (safetensors, sharded or not, or pytorch_model*.bin).
+- pretrained LLM / CLIP folders (safetensors, sharded or not, or pytorch_model*.bin), given as a local folder or a
+  Hugging Face Hub id read from the hub cache (local_folder), as transformers' from_pretrained resolves a name.
 - the run's start: model configs, LlavaSettings and rank 0's full initial weights from the flags.
 - manifest.json: what a run's result depends on beyond its flags (code, library versions, data, tokenizer).
 - the records cache: where each record of a data file starts, and its word count (data.load_records).
@@ -24,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import fields
 
 import torch
+from huggingface_hub import constants, list_repo_files, snapshot_download, try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -100,29 +103,105 @@ def clip_vision_state(clip: dict[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------- weight files
 
 
-def read_weights(folder: str, flag: str) -> dict[str, Tensor]:
-    """All tensors of an HF folder: model.safetensors, a sharded index, or pytorch_model*.bin (weights_only)."""
-    for name in (INDEX_NAME, "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"):
+WEIGHT_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
+
+
+def weight_files(folder: str) -> list[str]:
+    """The files of an HF folder's weights, as read_weights reads them (the first of WEIGHT_NAMES it has, a sharded
+    index's shards); [] when it has none. A shard may be missing (an interrupted download)."""
+    for name in WEIGHT_NAMES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            break
-    else:
+            if not name.endswith(".index.json"):
+                return [path]
+            with open(path) as f:
+                return [os.path.join(folder, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    return []
+
+
+def read_weights(folder: str, flag: str) -> dict[str, Tensor]:
+    """All tensors of an HF folder: model.safetensors, a sharded index, or pytorch_model*.bin (weights_only)."""
+    files = weight_files(folder)
+    if not files:
         raise ValueError(f"{flag} {folder!r}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
-    files = [path]
-    if name.endswith(".index.json"):
-        with open(path) as f:
-            files = [os.path.join(folder, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    if missing := [f for f in files if not os.path.isfile(f)]:
+        raise ValueError(f"{flag} {folder!r}: {os.path.basename(missing[0])}, listed in its index, does not exist")
     out: dict[str, Tensor] = {}
     for file in files:
         out.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, "cpu", weights_only=True))
     return out
 
 
+# ---------------------------------------------------------------------------------------------- hub ids
+
+# Files of a hub repo no reader here uses: other frameworks' weights (openai/clip-* ship a TF and a Flax copy).
+_NOT_READ = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "*.mlmodel", "*.pth", "*.pt", "*.ckpt"]
+
+
+def is_repo_id(name: str) -> bool:
+    """A valid Hugging Face Hub repo id (lmsys/vicuna-7b-v1.5, gpt2), as huggingface_hub validates one."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _cached(repo_id: str) -> str | None:
+    """The hub cache's snapshot folder of `repo_id` at main (its config.json is there), or None. The cache is
+    huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub, read when huggingface_hub is imported)."""
+    config = try_to_load_from_cache(repo_id, "config.json")
+    return os.path.dirname(config) if isinstance(config, str) else None
+
+
+def local_folder(name: str, flag: str) -> str:
+    """The folder to read for a model flag as given: a local folder is itself; a hub repo id is its snapshot in the
+    hub cache (nothing is downloaded here: download, train.fetch_models). ValueError naming the flag otherwise."""
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name) or not is_repo_id(name):
+        why = "is not a folder" if os.path.exists(name) else "does not exist"
+        raise ValueError(f"{flag} {name}: {why} (a local folder is expected)")
+    if folder := _cached(name):
+        return folder
+    where = f"not a local folder, and not a model in the hub cache at {constants.HF_HUB_CACHE}"
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{flag} {name}: does not exist ({where}; downloads are off (HF_HUB_OFFLINE=1): unset it, "
+                         f"or run `hf download {name}` where the hub can be reached)")  # fmt: skip
+    raise ValueError(f"{flag} {name}: does not exist ({where}; download it with `hf download {name}`)")
+
+
+def download(name: str, flag: str) -> None:
+    """Put hub id `name` into the hub cache unless it is a local folder, its snapshot there has all its weights, or
+    downloads are off (HF_HUB_OFFLINE=1): huggingface_hub's snapshot_download of what the readers use (configs,
+    tokenizer, processor, one copy of the weights: safetensors when the repo has them). ValueError naming the flag if
+    the hub refuses or cannot be reached. Call it on one process per node (train.fetch_models)."""
+    if os.path.isdir(name) or not is_repo_id(name) or constants.HF_HUB_OFFLINE:
+        return
+    if (folder := _cached(name)) and (files := weight_files(folder)) and all(map(os.path.isfile, files)):
+        return
+    try:
+        skip = list(_NOT_READ)
+        if any(f.endswith(".safetensors") for f in list_repo_files(name)):  # one copy, the one read_weights reads
+            skip.append("pytorch_model*")
+        snapshot_download(name, ignore_patterns=skip)
+    except Exception as e:  # HfHubHTTPError (not found, gated, 5xx), connection errors, OSError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{flag} {name}: does not exist (not a local folder, and the Hugging Face Hub download "
+                         f"failed: {type(e).__name__}: {reason})") from e  # fmt: skip
+
+
+def fetch(name: str, flag: str) -> str:
+    """download then local_folder: what a one-process tool (generate, export, check_data) calls for a model flag."""
+    download(name, flag)
+    return local_folder(name, flag)
+
+
 def pretrained_state_dict(model_name_or_path: str, vision_tower: str) -> dict[str, Tensor]:
     """Pretrained LLM + CLIP tensors keyed by our names (llm.*, vision_tower.*), as stored; no projector."""
-    llm = read_weights(model_name_or_path, "--model_name_or_path")
+    llm = read_weights(local_folder(model_name_or_path, "--model_name_or_path"), "--model_name_or_path")
     out = {f"llm.{k}": v for k, v in llm.items() if not k.endswith(_NON_PERSISTENT)}
-    return out | clip_vision_state(read_weights(vision_tower, "--vision_tower"))
+    return out | clip_vision_state(read_weights(local_folder(vision_tower, "--vision_tower"), "--vision_tower"))
 
 
 # ---------------------------------------------------------------------------------------------- mm_projector.bin
@@ -292,11 +371,30 @@ def _llm_config(conf: dict) -> LlamaConfig:
     return LlamaConfig(**{k: v for k, v in conf.items() if k in known | {"rope_theta", "rope_scaling"}})
 
 
-def _clip_folder(path: str, vision_tower: str | None) -> str:
-    clip = vision_tower or _config(path).get("mm_vision_tower")
-    if not clip or not os.path.isdir(clip):
-        raise ValueError(f"{path!r}: its vision tower {clip!r} is not a local folder; pass --vision_tower CLIP_DIR")
-    return clip
+def clip_folder(path: str, vision_tower: str | None) -> str:
+    """The local CLIP folder of a LLaVA folder: --vision_tower, else its config.json mm_vision_tower (a folder or a
+    hub id, as LLaVA records openai/clip-vit-large-patch14-336), through local_folder."""
+    if vision_tower:
+        return local_folder(vision_tower, "--vision_tower")
+    if not (clip := _config(path).get("mm_vision_tower")):
+        raise ValueError(f"{path!r}: its config.json has no mm_vision_tower; pass --vision_tower CLIP_DIR")
+    try:
+        return local_folder(clip, f"{path!r}: its vision tower (config.json mm_vision_tower)")
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --vision_tower CLIP_DIR") from None
+
+
+def fetch_checkpoint(path: str, vision_tower: str | None, flag: str = "--checkpoint") -> tuple[str, str | None]:
+    """fetch for a one-process tool's LLaVA / llava-hf checkpoint and the CLIP it reads: (its local folder, the
+    local CLIP folder: --vision_tower, else a LLaVA folder's mm_vision_tower, else None)."""
+    folder = fetch(path, flag)
+    if vision_tower:
+        return folder, fetch(vision_tower, "--vision_tower")
+    if checkpoint_kind(folder) != "llava":
+        return folder, None
+    if clip := _config(folder).get("mm_vision_tower"):
+        download(clip, f"{path!r}: its vision tower (config.json mm_vision_tower)")
+    return folder, clip_folder(folder, None)
 
 
 def llava_checkpoint_configs(path: str, vision_tower: str | None = None) -> tuple[LlamaConfig, CLIPVisionConfig]:
@@ -305,7 +403,7 @@ def llava_checkpoint_configs(path: str, vision_tower: str | None = None) -> tupl
     llava-hf: vocab_size is the original one (image_token_index, the first row the converter appended)."""
     kind, conf = _check_kind(path), _config(path)
     if kind == "llava":
-        return _llm_config(conf), CLIPVisionConfig.from_pretrained(_clip_folder(path, vision_tower))
+        return _llm_config(conf), CLIPVisionConfig.from_pretrained(clip_folder(path, vision_tower))
     read_settings(path)  # validates the vision feature settings
     llm_config = _llm_config(conf["text_config"])
     llm_config.vocab_size = min(llm_config.vocab_size, conf.get("image_token_index", 32000))
@@ -332,7 +430,7 @@ def _llava_state(path: str, vision_tower: str | None) -> dict[str, Tensor]:
     out = {from_llava_key(k, path): v for k, v in state.items() if not k.startswith(_LLAVA_TOWER)}
     out = {k: v for k, v in out.items() if not k.endswith(_NON_PERSISTENT)}
     if not clip:  # LLaVA's FSDP path (and some released checkpoints) save no CLIP copy
-        clip = read_weights(_clip_folder(path, vision_tower), "--vision_tower")
+        clip = read_weights(clip_folder(path, vision_tower), "--vision_tower")
     return out | clip_vision_state(clip)
 
 
@@ -403,30 +501,47 @@ def run_settings(cfg) -> LlavaSettings:
     )
 
 
+def model_names(cfg) -> dict[str, str]:
+    """{flag: name} of the model flags whose value is not a local folder (a hub id to read from the cache)."""
+    names = {"--model_name_or_path": cfg.model.model_name_or_path, "--vision_tower": cfg.model.vision_tower}
+    return {flag: name for flag, name in names.items() if name is not None and not os.path.isdir(name)}
+
+
 def check_paths(cfg) -> None:
     """Start-up checks that read the disk (config.py validates without it), before any model is loaded: every path
-    exists, and --pretrain_mm_mlp_adapter is a readable, finite projector of the run's shapes; ValueError naming
-    the flag."""
-    m, d = cfg.model, cfg.data
-    paths = {"model_name_or_path": (m.model_name_or_path, "folder"), "vision_tower": (m.vision_tower, "folder"),
-             "data_path": (d.data_path, "file"), "image_folder": (d.image_folder, "folder")}  # fmt: skip
+    exists (a model flag: a local folder, a hub id in the hub cache, or one to download when downloads are on), then,
+    when both model flags are local folders, check_model_files (otherwise train.fetch_models runs it once the hub ids
+    are in the cache); ValueError naming the flag."""
+    d = cfg.data
+    for flag, name in model_names(cfg).items():
+        if not is_repo_id(name) or constants.HF_HUB_OFFLINE:  # else not cached yet is fine: it is downloaded
+            local_folder(name, flag)
+    paths = {"--data_path": (d.data_path, "file"), "--image_folder": (d.image_folder, "folder")}
     for flag, (path, kind) in paths.items():
         if path is not None and not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
             why = "does not exist" if not os.path.exists(path) else f"is not a {kind}"
-            raise ValueError(f"--{flag} {path}: {why} (a local {kind} is expected)")
+            raise ValueError(f"{flag} {path}: {why} (a local {kind} is expected)")
     if os.path.isfile(cfg.train.output_dir):
         raise ValueError(f"--output_dir {cfg.train.output_dir}: is a file, not a folder")
+    if not model_names(cfg):
+        check_model_files(cfg)
+
+
+def check_model_files(cfg) -> None:
+    """The start-up checks that read the model folders: stage 2's adapter rule, and --pretrain_mm_mlp_adapter a
+    readable, finite projector of the run's shapes (read here by every rank, so a bad file stops them all at once)."""
+    m = cfg.model
     # LLaVA silently starts stage 2 from a random projector when the adapter path is forgotten (its default
     # is None), which wastes a whole finetune. We refuse unless the user opts in with --init_projector random;
     # a llava-hf / LLaVA stage-2 folder as --model_name_or_path brings its projector.
     needs_adapter = not m.tune_mm_mlp_adapter and m.pretrain_mm_mlp_adapter is None and m.init_projector == "auto"
-    if needs_adapter and checkpoint_kind(m.model_name_or_path) is None:
+    if needs_adapter and checkpoint_kind(local_folder(m.model_name_or_path, "--model_name_or_path")) is None:
         raise ValueError(
             "--pretrain_mm_mlp_adapter is required when the projector is not trained from scratch "
             "(--tune_mm_mlp_adapter False, i.e. stage 2): pass the stage-1 output_dir/mm_projector.bin, "
             "or --init_projector random to start from a random projector on purpose (what LLaVA does silently)"
         )
-    if m.pretrain_mm_mlp_adapter is not None:  # read here by every rank, so a bad file stops them all at once
+    if m.pretrain_mm_mlp_adapter is not None:
         llm_config, vision_config = run_configs(cfg)
         with torch.device("meta"):
             holder = _projector_holder(m.mm_projector_type, vision_config, llm_config)
@@ -437,23 +552,26 @@ def run_configs(cfg) -> tuple[LlamaConfig, CLIPVisionConfig]:
     """(llm_config, vision_config) from the LLM + CLIP folders, or from a llava-hf / LLaVA-format stage-2 folder
     given as --model_name_or_path (then its mm_* settings must match the flags). No weights are read."""
     m = cfg.model
-    if checkpoint_kind(m.model_name_or_path) is None:
-        return AutoConfig.from_pretrained(m.model_name_or_path), CLIPVisionConfig.from_pretrained(m.vision_tower)
-    trained, flags = read_settings(m.model_name_or_path), run_settings(cfg)
+    llm = local_folder(m.model_name_or_path, "--model_name_or_path")
+    if checkpoint_kind(llm) is None:
+        clip = local_folder(m.vision_tower, "--vision_tower")
+        return AutoConfig.from_pretrained(llm), CLIPVisionConfig.from_pretrained(clip)
+    trained, flags = read_settings(llm), run_settings(cfg)
     for f in (f.name for f in fields(LlavaSettings) if f.name.startswith("mm_")):  # the model must be the one trained
         ours, theirs = getattr(flags, f), getattr(trained, f)
         if ours != theirs:
             raise ValueError(f"--{f} {ours!r}: {m.model_name_or_path} was trained with {theirs!r}")
-    return llava_checkpoint_configs(m.model_name_or_path, m.vision_tower)
+    return llava_checkpoint_configs(llm, m.vision_tower)
 
 
 def initial_state(cfg, llm_config, vision_config) -> dict[str, Tensor]:
     """Rank 0 only: the full starting weights (LLM + tower from their folders, or a whole LLaVA checkpoint) plus
     the projector: the checkpoint's, seeded-random, or from --pretrain_mm_mlp_adapter."""
     m = cfg.model
-    from_llava = checkpoint_kind(m.model_name_or_path) is not None
+    llm = local_folder(m.model_name_or_path, "--model_name_or_path")
+    from_llava = checkpoint_kind(llm) is not None
     if from_llava:  # LLM, tower and projector from the checkpoint
-        state = load_llava_checkpoint_state(m.model_name_or_path, m.vision_tower)[2]
+        state = load_llava_checkpoint_state(llm, m.vision_tower)[2]
     else:
         state = pretrained_state_dict(m.model_name_or_path, m.vision_tower)
     if from_llava and not m.pretrain_mm_mlp_adapter and m.init_projector != "random":

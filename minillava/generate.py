@@ -2,8 +2,10 @@
 
     python -m minillava.generate --checkpoint DIR --image PATH --prompt "What is in the image?" [--max_new_tokens 64]
 
-DIR is a LLaVA-format stage-2 folder (minillava's or LLaVA's) or a llava-hf folder (minillava.export). The prompt and
-the image go through exactly the training/eval path: conversation template, tokenizer_image_token, expand2square.
+DIR is a LLaVA-format stage-2 folder (minillava's or LLaVA's) or a llava-hf folder (minillava.export), or a hub id of
+either (downloaded into the hub cache unless HF_HUB_OFFLINE=1; so is a hub id as --vision_tower or as the folder's
+mm_vision_tower). The prompt and the image go through exactly the training/eval path: conversation template,
+tokenizer_image_token, expand2square.
 """
 
 import argparse
@@ -17,7 +19,7 @@ from transformers import DynamicCache
 
 from minillava.conversation import build_inference_prompt, tokenizer_image_token
 from minillava.data import load_image_processor, load_tokenizer, open_image, process_image
-from minillava.formats import checkpoint_kind, load_llava_checkpoint_state, read_settings
+from minillava.formats import checkpoint_kind, clip_folder, fetch_checkpoint, load_llava_checkpoint_state, read_settings
 from minillava.model import LlavaModel, LlavaSettings, build_llava_from_config
 
 
@@ -36,9 +38,10 @@ def load_model(
 
 
 def load_image_processor_for(checkpoint: str, settings: LlavaSettings, vision_tower: str | None) -> Any:
-    """The PIL CLIP processor training used: from the vision tower folder (LLaVA format) or the llava-hf folder."""
+    """The PIL CLIP processor training used: from the vision tower folder (LLaVA format: `vision_tower`, else
+    settings.vision_tower, the config's mm_vision_tower) or the llava-hf folder."""
     processor = load_image_processor(
-        checkpoint if checkpoint_kind(checkpoint) == "llava-hf" else vision_tower or settings.vision_tower
+        checkpoint if checkpoint_kind(checkpoint) == "llava-hf" else clip_folder(checkpoint, vision_tower)
     )
     processor.do_pad = False  # process_image pads (expand2square) when image_aspect_ratio is pad
     return processor
@@ -88,19 +91,20 @@ def greedy_generate(
 def main(argv: list[str] | None = None) -> None:
     """CLI: see the module docstring; prints the decoded answer."""
     p = argparse.ArgumentParser(prog="python -m minillava.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="LLaVA-format stage-2 folder or llava-hf folder")
+    p.add_argument("--checkpoint", required=True, help="LLaVA-format stage-2 folder or llava-hf folder, or hub id")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question (the template and <image> are added)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--version", default="v1", help="conversation template the checkpoint was trained with")
-    p.add_argument("--vision_tower", help="CLIP folder (default: the checkpoint's mm_vision_tower)")
+    p.add_argument("--vision_tower", help="CLIP folder or hub id (default: the checkpoint's mm_vision_tower)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: bf16 on GPU")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype) if a.dtype else torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    model, settings = load_model(a.checkpoint, a.vision_tower, device=a.device, dtype=dtype)
-    tokenizer = load_tokenizer(a.checkpoint, settings.model_max_length)
-    processor = load_image_processor_for(a.checkpoint, settings, a.vision_tower)
+    checkpoint, vision_tower = fetch_checkpoint(a.checkpoint, a.vision_tower)  # local folders
+    model, settings = load_model(checkpoint, vision_tower, device=a.device, dtype=dtype)
+    tokenizer = load_tokenizer(checkpoint, settings.model_max_length)
+    processor = load_image_processor_for(checkpoint, settings, vision_tower)
     image = open_image(a.image, settings.image_aspect_ratio)
     pixel_values = process_image(image, processor, settings.image_aspect_ratio)[None]
     prompt = build_inference_prompt(a.prompt, a.version, has_image=True)

@@ -38,6 +38,7 @@ from minillava.formats import (
     MANIFEST_NAME,
     SHARD_NAME,
     llava_config,
+    local_folder,
     mm_projector_content,
     shard_name,
     to_llava_key,
@@ -292,7 +293,8 @@ def save_final(
                 write_json(os.path.join(stage, INDEX_NAME), index)
                 model.llm.generation_config.save_pretrained(stage)
                 tokenizer.save_pretrained(stage)
-                sp_model = os.path.join(cfg.model.model_name_or_path, "tokenizer.model")
+                llm = local_folder(cfg.model.model_name_or_path, "--model_name_or_path")
+                sp_model = os.path.join(llm, "tokenizer.model")
                 if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
                     shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
             if manifest is not None:
