@@ -12,6 +12,7 @@
 No torch.distributed: tensors come back as stored; callers cast, shard and gather (outputs.py writes).
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -399,12 +400,17 @@ def run_settings(cfg) -> LlavaSettings:
 
 
 def check_paths(cfg) -> None:
-    """Start-up checks that read the disk (config.py validates without it), before any model is loaded: every path
-    exists, and --pretrain_mm_mlp_adapter is a readable, finite projector of the run's shapes; ValueError naming
-    the flag."""
-    m, d = cfg.model, cfg.data
+    """Start-up checks that read the disk (config.py validates without it), before any model is loaded and before
+    --output_dir is created: the package --report_to needs is installed, every path exists, and
+    --pretrain_mm_mlp_adapter is a readable, finite projector of the run's shapes; ValueError naming the flag."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:  # imported later, by metrics.py
+        raise ValueError("--report_to wandb: wandb is not installed: pip install wandb (or pip install "
+                         "'minillava[wandb]'), or pass --report_to none")  # fmt: skip
+    resume = t.resume_from_checkpoint if t.resume_from_checkpoint != "auto" else None
     paths = {"model_name_or_path": (m.model_name_or_path, "folder"), "vision_tower": (m.vision_tower, "folder"),
-             "data_path": (d.data_path, "file"), "image_folder": (d.image_folder, "folder")}  # fmt: skip
+             "data_path": (d.data_path, "file"), "image_folder": (d.image_folder, "folder"),
+             "resume_from_checkpoint": (resume, "folder")}  # fmt: skip
     for flag, (path, kind) in paths.items():
         if path is not None and not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
             why = "does not exist" if not os.path.exists(path) else f"is not a {kind}"

@@ -1,8 +1,17 @@
-"""train.py as a user meets it: `--help` prints and exits 0."""
+"""train.py as a user meets it: `--help` prints and exits 0, and a start-up error is one line on stderr (exit 1),
+before any model is loaded and before --output_dir is created."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+
+import pytest
+from conftest import flags
+
+import train
+from minillava.config import parse_args
+from minillava.formats import check_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,3 +28,40 @@ def test_help_prints_and_exits_0():
         "folder",
     ]
     assert "torchrun --nproc_per_node 8 train.py --stage 1 --model_name_or_path" in run.stdout
+
+
+def _without_wandb(monkeypatch):
+    """find_spec says wandb is absent, whether or not it is installed here."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("wandb", "--report_to wandb: wandb is not installed: pip install wandb (or pip install 'minillava[wandb]')"),
+        ("resume", "--resume_from_checkpoint {missing}: does not exist"),
+    ],
+)
+def test_a_failed_start_up_leaves_no_output_dir(assets, tmp_path, monkeypatch, capsys, case, message):
+    """Each error is one line, before any model is loaded, and the nested --output_dir the run would have made is
+    not there (before, the missing wandb was a ModuleNotFoundError after the model was loaded, and the missing
+    checkpoint left output_dir with the lock and minillava_config.json)."""
+    missing = str(tmp_path / "nowhere" / "checkpoint-2")
+    over = {"wandb": {"report_to": "wandb"}, "resume": {"resume_from_checkpoint": missing}}
+    if case == "wandb":
+        _without_wandb(monkeypatch)
+    out = tmp_path / "runs" / "a" / "o"
+    assert train.cli(flags(assets, str(out), **over[case])) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: " + message.format(missing=missing))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wandb_installed_passes_the_start_up_check(assets, tmp_path, monkeypatch):
+    cfg = parse_args(flags(assets, str(tmp_path / "o"), report_to="wandb"))
+    _without_wandb(monkeypatch)
+    with pytest.raises(ValueError, match="pip install wandb"):
+        check_paths(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # "installed"
+    check_paths(cfg)
