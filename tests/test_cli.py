@@ -1,5 +1,5 @@
-"""train.py as a user meets it: `--help` prints and exits 0, and a start-up error is one line on stderr (exit 1),
-before any model is loaded and before --output_dir is created."""
+"""train.py as a user meets it: `--help` prints and exits 0, a start-up error is one line on stderr (exit 1) before
+any model is loaded where it can be, and a run that fails its start-up leaves --output_dir as it found it."""
 
 import importlib.util
 import os
@@ -36,26 +36,45 @@ def _without_wandb(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
 
 
+def _bad_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": ')
+    return {"data_path": str(path)}
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
         ("wandb", "--report_to wandb: wandb is not installed: pip install wandb (or pip install 'minillava[wandb]')"),
         ("resume", "--resume_from_checkpoint {missing}: does not exist"),
+        ("data", "--data_path {bad}: cannot read JSON"),  # read after the model is built
     ],
 )
 def test_a_failed_start_up_leaves_no_output_dir(assets, tmp_path, monkeypatch, capsys, case, message):
-    """Each error is one line, before any model is loaded, and the nested --output_dir the run would have made is
-    not there (before, the missing wandb was a ModuleNotFoundError after the model was loaded, and the missing
-    checkpoint left output_dir with the lock and minillava_config.json)."""
-    missing = str(tmp_path / "nowhere" / "checkpoint-2")
-    over = {"wandb": {"report_to": "wandb"}, "resume": {"resume_from_checkpoint": missing}}
+    """Each error is one line, and the nested --output_dir the run would have made is not there (before, the
+    missing wandb was a ModuleNotFoundError after the model was loaded, and the other two left output_dir with
+    the lock and minillava_config.json)."""
+    missing, bad = str(tmp_path / "nowhere" / "checkpoint-2"), str(tmp_path / "bad.json")
+    over = {"wandb": {"report_to": "wandb"}, "resume": {"resume_from_checkpoint": missing}, "data": _bad_json(tmp_path)}
     if case == "wandb":
         _without_wandb(monkeypatch)
     out = tmp_path / "runs" / "a" / "o"
     assert train.cli(flags(assets, str(out), **over[case])) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: " + message.format(missing=missing))
+    assert len(errors) == 1 and errors[0].startswith("error: " + message.format(missing=missing, bad=bad))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_start_up_leaves_an_existing_output_dir_as_it_was(assets, tmp_path):
+    """A folder the user made, with their file and an earlier run's checkpoint in it: nothing is added or removed
+    (before: .minillava.lock and minillava_config.json were left in it)."""
+    out = tmp_path / "o"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "COMPLETE").write_text("")
+    (out / "notes.txt").write_text("mine")
+    before = sorted(os.walk(out))
+    assert train.cli(flags(assets, str(out), **_bad_json(tmp_path))) == 1
+    assert sorted(os.walk(out)) == before and (out / "notes.txt").read_text() == "mine"
 
 
 def test_wandb_installed_passes_the_start_up_check(assets, tmp_path, monkeypatch):
