@@ -50,8 +50,8 @@ class ModelArgs:
                                         "every v1.5 script passes False)")
     mm_patch_merge_type: str = _flag("flat", "how image features are merged; spatial / unpad are LLaVA-1.6's")
     mm_vision_select_feature: str = _flag("patch", "patch drops CLIP's CLS token, cls_patch keeps it")
-    init_projector: str = _flag("auto", "minillava: auto = --pretrain_mm_mlp_adapter or the checkpoint's (stage 2 "
-                                "refuses to start without one), random = a fresh projector on purpose")
+    init_projector: str = _flag("auto", "minillava: auto = --pretrain_mm_mlp_adapter's or a stage-2 checkpoint's, "
+                                "fresh in stage 1 (stage 2 refuses to start without one); random = fresh on purpose")
 
 
 @dataclass(kw_only=True)
@@ -108,7 +108,7 @@ class TrainArgs:
     save_total_limit: int | None = _flag(None, "keep the newest N step checkpoints (unset: all)")
     resume_from_checkpoint: str | None = _flag(None, "auto = the newest complete checkpoint in --output_dir (a fresh "
                                                "start if none), or a checkpoint-N folder")
-    report_to: str = _flag("none", "metrics also go to: none or wandb (pip install wandb); always metrics.jsonl")
+    report_to: str = _flag("none", "metrics beyond output_dir/metrics.jsonl: none, or wandb (pip install wandb)")
     dataloader_num_workers: int = _flag(0, "DataLoader worker processes per rank")
 
 
@@ -183,16 +183,6 @@ def str2bool(value: str | bool) -> bool:
     return value if isinstance(value, bool) else _BOOLS[value.lower()]
 
 
-def _known_versions() -> set[str]:
-    from minillava.conversation import KNOWN_VERSIONS  # lazy: the template module owns the list of versions
-
-    return set(KNOWN_VERSIONS)
-
-
-def _choices() -> dict[str, tuple[Any, ...]]:
-    return {"version": tuple(sorted(_known_versions())), **_CHOICES}
-
-
 # Supported values of choice fields; anything else is a ValueError naming the flag.
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "stage": (None, 1, 2),
@@ -208,6 +198,15 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "gradient_checkpointing": (True, False, "auto"),
     "report_to": ("none", "wandb"),
 }
+
+
+def _choices() -> dict[str, tuple[Any, ...]]:
+    """_CHOICES plus --version's choices."""
+    from minillava.conversation import KNOWN_VERSIONS  # lazy: the template module owns the list of versions
+
+    return {"version": tuple(sorted(KNOWN_VERSIONS)), **_CHOICES}
+
+
 _POSITIVE = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps",
              "save_total_limit")  # fmt: skip
 _NON_NEGATIVE = ("learning_rate", "mm_projector_lr", "weight_decay", "max_grad_norm", "save_steps",
