@@ -36,7 +36,7 @@ from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.outputs import DISK_FULL, lock_output_dir, next_steps, save_final
+from minillava.outputs import DISK_FULL, lock_output_dir, new_dirs, next_steps, save_final, unclaim_output_dir
 from minillava.preemption import EXIT_CODE, Preempted, StopRequest, ignore_sigterm
 from minillava.sampler import DistributedModalityLengthSampler
 
@@ -291,14 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     stop = StopRequest(watch_agent="TORCHELASTIC_RUN_ID" in os.environ)  # SIGTERM / dead torchrun: save and stop
     t = cfg.train
     logger = lock = None
+    made, started = new_dirs(t.output_dir), False  # a run that fails its start-up leaves no --output_dir behind
     try:
         fetch_models(cfg, info)  # hub ids: downloaded once per node, before anything is written to --output_dir
         lock = lock_output_dir(t.output_dir)  # one run per --output_dir, claimed before anything is written there
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
-        if info.is_main:
-            D.print0(format_config(cfg))
-            save_config(cfg, t.output_dir)
+        D.print0(format_config(cfg))
         m = cfg.model  # its flags keep the names given (a hub id is recorded as such); files come from local folders
         tokenizer = load_tokenizer(local_folder(m.model_name_or_path, "--model_name_or_path"), t.model_max_length)
         image_processor = load_image_processor(local_folder(m.vision_tower, "--vision_tower"))
@@ -318,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
             f"world {info.world_size} | global batch {global_batch} | {len(loader.dataset)} samples | "
             f"{sampler.steps_per_epoch} steps/epoch | {total_steps} steps"
         )
+        started = True  # the start-up passed (model, data, resume): from here on the run writes into --output_dir
+        if info.is_main:
+            save_config(cfg, t.output_dir)
         peak = device_peak_flops(info.device)
         logger = MetricsLogger(
             t.output_dir,
@@ -379,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if logger is not None:
             logger.close()  # ends the progress bar before any error is printed
-        if lock is not None:
+        if info.is_main and not started:
+            unclaim_output_dir(lock, t.output_dir, made)  # the lock file and the folders this run made
+        elif lock is not None:
             lock.close()  # releases the lock (a killed run's lock goes with its process)
         stop.close()
         D.cleanup(info)

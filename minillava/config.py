@@ -3,9 +3,12 @@ plus a few minillava knobs, and a small stdlib argparse bridge (LLaVA: llava/tra
 
 parse_args resolves dataclass defaults < `--stage {1,2}` preset < explicit flags, so LLaVA's scripts/v1_5 flag lists
 parse unchanged. Unsupported features are ValueErrors; flags accepted but not acted on warn once (ConfigWarning).
+`train.py --help` is built from the same tables: each field's help text (_flag), its default, STAGE_PRESETS,
+_CHOICES, IGNORED_FLAGS and MAPPED_FLAGS.
 """
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -13,8 +16,8 @@ import sys
 import typing
 import warnings
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, NoReturn
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, NamedTuple, NoReturn
 
 CONFIG_NAME = "minillava_config.json"
 
@@ -23,71 +26,90 @@ class ConfigWarning(UserWarning):
     """A flag that is accepted but not acted on (or mapped); filter this category on ranks other than 0."""
 
 
+def _flag(default: Any = MISSING, help: str = "") -> Any:
+    """A dataclass field with its --help text: the one place a flag is explained ("minillava:" = not LLaVA's)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(kw_only=True)
 class ModelArgs:
-    """LLaVA ModelArguments (train.py L53-66) plus minillava's model knobs."""
+    """LLaVA's ModelArguments (llava/train/train.py L53-66), plus minillava's own model flags."""
 
-    model_name_or_path: str  # required (LLaVA default facebook/opt-125m): Vicuna folder or hub id
-    version: str = "v0"  # conversation template; LLaVA's default v0 is unsupported, pass plain or v1 (or --stage)
-    freeze_backbone: bool = False  # freeze the LLM body incl. embeddings; lm_head stays trainable
-    tune_mm_mlp_adapter: bool = False  # stage 1: train only the projector
-    vision_tower: str  # required (LLaVA default None = text-only, unsupported): CLIP folder or hub id
-    mm_vision_select_layer: int = -1  # CLIP hidden_states index; v1.5 scripts use -2
-    pretrain_mm_mlp_adapter: str | None = None  # stage-1 mm_projector.bin loaded into the projector
-    mm_projector_type: str = "linear"  # linear | identity | mlp<N>x_gelu; v1.5 uses mlp2x_gelu
-    mm_use_im_start_end: bool = False  # only False (v1.5) is supported
-    mm_use_im_patch_token: bool = False  # LLaVA default True adds a token; v1.5 passes False; only False supported
-    mm_patch_merge_type: str = "flat"  # only flat (v1.5); spatial/unpad are LLaVA-1.6
-    mm_vision_select_feature: str = "patch"  # patch drops CLS, cls_patch keeps it
-    init_projector: str = "auto"  # minillava: auto = adapter if given (stage 2 requires one) | random = fresh init
+    model_name_or_path: str = _flag(help="local LLM folder (Vicuna-7B/13B-v1.5), or a LLaVA / llava-hf stage-2 "
+                                    "folder to finetune further (LLaVA's default facebook/opt-125m is not kept)")
+    version: str = _flag("v0", "conversation template: plain (stage 1), v1 (stage 2); LLaVA's default v0 is refused")
+    freeze_backbone: bool = _flag(False, "freeze the LLM body with its embeddings; lm_head and projector still train")
+    tune_mm_mlp_adapter: bool = _flag(False, "stage 1: train only the projector; the output is mm_projector.bin")
+    vision_tower: str = _flag(help="local CLIP folder (v1.5: clip-vit-large-patch14-336); LLaVA's default None "
+                              "(a text-only run) is not supported")
+    mm_vision_select_layer: int = _flag(-1, "CLIP hidden_states index that is projected; v1.5 uses -2")
+    pretrain_mm_mlp_adapter: str | None = _flag(None, "stage-1 mm_projector.bin loaded into the projector (stage 2)")
+    mm_projector_type: str = _flag("linear", "projector: linear, identity or mlp<N>x_gelu (v1.5: mlp2x_gelu)")
+    mm_use_im_start_end: bool = _flag(False, "wrap <image> in <im_start>/<im_end> tokens; not supported (v1.5: off)")
+    mm_use_im_patch_token: bool = _flag(False, "add an <im_patch> token; not supported (LLaVA's default is True, "
+                                        "every v1.5 script passes False)")
+    mm_patch_merge_type: str = _flag("flat", "how image features are merged; spatial / unpad are LLaVA-1.6's")
+    mm_vision_select_feature: str = _flag("patch", "patch drops CLIP's CLS token, cls_patch keeps it")
+    init_projector: str = _flag("auto", "minillava: auto = --pretrain_mm_mlp_adapter's or a stage-2 checkpoint's, "
+                                "fresh in stage 1 (stage 2 refuses to start without one); random = fresh on purpose")
 
 
 @dataclass(kw_only=True)
 class DataArgs:
-    """LLaVA DataArguments (train.py L69-76); lazy_preprocess and is_multimodal are implied (always True)."""
+    """LLaVA's DataArguments (llava/train/train.py L69-76); lazy_preprocess and is_multimodal are always True."""
 
-    data_path: str  # required: LLaVA JSON list of samples
-    image_folder: str  # required: prefix joined with sample["image"]
-    image_aspect_ratio: str = "square"  # square (resize + center crop) | pad (expand2square, v1.5 finetune)
+    data_path: str = _flag(help="LLaVA-format JSON list of samples (v1.5 stage 2: llava_v1_5_mix665k.json)")
+    image_folder: str = _flag(help="folder the samples' image paths are relative to")
+    image_aspect_ratio: str = _flag("square", "square = CLIP resize + center crop, pad = expand2square with the "
+                                    "mean colour first (v1.5 finetune); anyres is LLaVA-1.6's")
 
 
 @dataclass(kw_only=True)
 class TrainArgs:
-    """The used subset of LLaVA TrainingArguments (train.py L79-112 + inherited HF fields) plus minillava knobs."""
+    """The TrainingArguments LLaVA uses (llava/train/train.py L79-112 and the transformers TrainingArguments fields
+    its scripts pass), plus minillava's own flags."""
 
-    output_dir: str  # required: checkpoints, metrics and minillava_config.json
-    stage: int | None = None  # minillava: 1 or 2 selects STAGE_PRESETS; None = no preset
-    freeze_mm_mlp_adapter: bool = False  # freeze the projector
-    model_max_length: int = 512  # tokenizer max length and post-splice truncation; v1.5 uses 2048
-    mm_projector_lr: float | None = None  # separate lr for names containing mm_projector (4 param groups)
-    group_by_modality_length: bool = False  # LLaVA's modality/length-grouped sampler (stage 2)
-    longest_first: bool = False  # minillava: put the longest megabatch first (early OOM check)
-    bf16: bool = False  # bf16 compute with fp32 master weights; False = fp32 (fp16 is unsupported)
-    num_train_epochs: float = 3.0  # HF default; v1.5 uses 1
-    max_steps: int = -1  # HF: > 0 overrides num_train_epochs
-    per_device_train_batch_size: int = 8  # micro-batch per rank; global = this x world size x grad accumulation
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 5e-5  # HF default peak lr; v1.5: 1e-3 stage 1, 2e-5 stage 2
-    weight_decay: float = 0.0  # AdamW decay for non-norm, non-bias params
-    warmup_ratio: float = 0.0  # warmup steps = ceil(ratio x total steps)
-    lr_scheduler_type: str = "cosine"  # only cosine is implemented (HF default linear; every v1.5 script: cosine)
-    max_grad_norm: float = 0.0  # minillava 0 = off: HF's 1.0 unused: scripts/zero{2,3}.json lack gradient_clipping
-    loss_reduction: str = "llava"  # minillava: llava (per-micro-batch mean) | global_token (step-wide token mean)
-    gradient_checkpointing: bool | str = False  # True: every LLM block (LLaVA's); auto: the fewest that fit (memory.py)
-    attn_implementation: str = "sdpa"  # minillava: sdpa | flash_attention_2 | eager (LLaVA train_mem.py: fa2)
-    padding_free: bool = False  # minillava: pack each micro-batch's real tokens into one varlen-attention sequence
-    # (the --stage presets pack: the same loss, no FLOP on padding)
-    reshard_after_forward: bool = True  # minillava FSDP2 knob; --deepspeed zero2/zero3 maps to False/True
-    hsdp: bool = False  # minillava: shard within a node (torchrun's LOCAL_WORLD_SIZE), replicate across nodes
-    torch_compile: bool = False  # minillava: torch.compile each decoder layer (dynamic shapes); off until measured
-    torch_compile_backend: str = "inductor"  # minillava: aot_eager traces without code generation (CPU tests)
-    seed: int = 42  # HF default
-    logging_steps: int = 1  # log every N steps (HF default 500; v1.5 uses 1)
-    save_steps: int = 500  # HF default; checkpoint every N steps, 0 = only the final save
-    save_total_limit: int | None = None  # keep at most N step checkpoints; None = all
-    resume_from_checkpoint: str | None = None  # minillava: None | auto (latest in output_dir) | checkpoint path
-    report_to: str = "none"  # none | wandb (HF 4.37 default all)
-    dataloader_num_workers: int = 0  # DataLoader worker processes per rank
+    output_dir: str = _flag(help="checkpoints, the final model, metrics.jsonl and minillava_config.json")
+    stage: int | None = _flag(None, "minillava: start from LLaVA's v1.5 recipe (1 = scripts/v1_5/pretrain.sh, "
+                              "2 = finetune.sh); explicit flags win")
+    freeze_mm_mlp_adapter: bool = _flag(False, "freeze the projector")
+    model_max_length: int = _flag(512, "tokenizer max length; sequences are cut to it after the image is spliced in")
+    mm_projector_lr: float | None = _flag(None, "learning rate of the projector (unset: --learning_rate)")
+    group_by_modality_length: bool = _flag(False, "LLaVA's sampler: image-only and text-only megabatches, each "
+                                           "grouped by length (v1.5 finetune)")
+    longest_first: bool = _flag(False, "minillava: put the longest megabatch first (an out-of-memory shows at once)")
+    bf16: bool = _flag(False, "bf16 compute, fp32 master weights and gradient reduction; False = fp32 (no fp16)")
+    num_train_epochs: float = _flag(3.0, "epochs over --data_path (fractions allowed); unused if --max_steps > 0")
+    max_steps: int = _flag(-1, "optimizer steps; > 0 overrides --num_train_epochs")
+    per_device_train_batch_size: int = _flag(8, "micro-batch per rank; global batch = this x ranks x accumulation")
+    gradient_accumulation_steps: int = _flag(1, "micro-batches per optimizer step")
+    learning_rate: float = _flag(5e-5, "peak learning rate (AdamW, cosine schedule)")
+    weight_decay: float = _flag(0.0, "AdamW weight decay, on everything but norms and biases")
+    warmup_ratio: float = _flag(0.0, "linear warmup over this fraction of the steps")
+    lr_scheduler_type: str = _flag("cosine", "learning-rate schedule: cosine only (every v1.5 script's; HF's "
+                                   "default linear is not implemented)")
+    max_grad_norm: float = _flag(0.0, "gradient clipping norm, 0 = off: HF's default 1.0 never applied in LLaVA "
+                                 "(scripts/zero2.json, zero3.json set no gradient_clipping)")
+    loss_reduction: str = _flag("llava", "minillava: llava = token mean per micro-batch, averaged (LLaVA's HF "
+                                "Trainer); global_token = mean over all label tokens of the step")
+    gradient_checkpointing: bool | str = _flag(False, "activation checkpointing: True = every LLM layer (LLaVA's); "
+                                               "auto = only as many layers as memory needs (minillava, memory.py)")
+    attn_implementation: str = _flag("sdpa", "minillava: LLM attention (LLaVA's train_mem.py: flash_attention_2)")
+    padding_free: bool = _flag(False, "minillava: pack each micro-batch's real tokens into one varlen-attention "
+                               "sequence: the same loss, no compute on padding")
+    reshard_after_forward: bool = _flag(True, "minillava: FSDP2 frees gathered weights after forward (ZeRO-3-like); "
+                                        "False keeps them (ZeRO-2-like); --deepspeed sets it")
+    hsdp: bool = _flag(False, "minillava: shard within a node (torchrun's LOCAL_WORLD_SIZE), replicate across nodes")
+    torch_compile: bool = _flag(False, "torch.compile each LLM decoder layer (dynamic shapes); off until measured")
+    torch_compile_backend: str = _flag("inductor", "--torch_compile backend; aot_eager generates no code (CPU tests)")
+    seed: int = _flag(42, "seed of the projector init, the sampler order and the DataLoader workers")
+    logging_steps: int = _flag(1, "log every N steps (metrics.jsonl, progress bar, wandb); HF's default is 500")
+    save_steps: int = _flag(500, "resumable checkpoint every N steps; 0 = only the final save")
+    save_total_limit: int | None = _flag(None, "keep the newest N step checkpoints (unset: all)")
+    resume_from_checkpoint: str | None = _flag(None, "auto = the newest complete checkpoint in --output_dir (a fresh "
+                                               "start if none), or a checkpoint-N folder")
+    report_to: str = _flag("none", "metrics beyond output_dir/metrics.jsonl: none, or wandb (pip install wandb)")
+    dataloader_num_workers: int = _flag(0, "DataLoader worker processes per rank")
 
 
 # scripts/v1_5/pretrain.sh and finetune.sh (LLaVA c121f04), transcribed flag by flag, minus paths (model, data,
@@ -117,26 +139,38 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
 }
 # fmt: on
 
-# LLaVA/HF flags without a field: flag -> (accepted values, None = any; warning text, None = silent because the
-# accepted value is what minillava does anyway). Any other value is a ValueError.
+class Ignored(NamedTuple):
+    """A LLaVA/HF flag without a field, accepted and not acted on."""
+
+    accepted: tuple[Any, ...] | None  # the values taken (None: any); any other value is a ValueError
+    why: str  # its --help text, and its warning (one per run) unless warns is False
+    warns: bool = True  # False: the accepted value is what minillava does anyway
+
+
 _LORA = "LoRA/QLoRA is not supported (only used with --lora_enable / --bits 4|8)"
-IGNORED_FLAGS: dict[str, tuple[tuple[Any, ...] | None, str | None]] = {
-    "evaluation_strategy": (None, "there is no evaluation loop"),
-    "per_device_eval_batch_size": (None, "there is no evaluation loop"),
-    "lazy_preprocess": (None, "the dataset is always lazy"),
-    "tf32": (None, "TF32 matmuls are always enabled on GPU"),
-    "save_strategy": (("steps", "no"), "checkpoints are written every --save_steps (0 = final only; 'no' sets 0)"),
-    "remove_unused_columns": (None, "there is no HF Trainer column pruning"),
-    "mpt_attn_impl": (None, "MPT is not supported"),
-    "cache_dir": (None, "weights load through the default HF cache"),
-    "optim": (("adamw_torch",), None),  # torch AdamW is the only optimizer (HF's adamw_torch)
-    "lora_enable": ((False,), None),
-    "bits": ((16,), None),
-    "fp16": ((False,), None),  # bf16 or fp32 only
-    **{k: (None, _LORA) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_weight_path", "lora_bias")},
-    **{k: (None, _LORA) for k in ("double_quant", "quant_type")},
+IGNORED_FLAGS: dict[str, Ignored] = {
+    "evaluation_strategy": Ignored(None, "there is no evaluation loop"),
+    "per_device_eval_batch_size": Ignored(None, "there is no evaluation loop"),
+    "lazy_preprocess": Ignored(None, "the dataset is always lazy"),
+    "tf32": Ignored(None, "TF32 matmuls are always enabled on GPU"),
+    "save_strategy": Ignored(
+        ("steps", "no"), "checkpoints are written every --save_steps (0 = final only; 'no' sets 0)"
+    ),
+    "remove_unused_columns": Ignored(None, "there is no HF Trainer column pruning"),
+    "mpt_attn_impl": Ignored(None, "MPT is not supported"),
+    "cache_dir": Ignored(None, "weights load through the default HF cache"),
+    "optim": Ignored(("adamw_torch",), "the optimizer is torch AdamW (HF's adamw_torch)", warns=False),
+    "lora_enable": Ignored((False,), "LoRA is not supported", warns=False),
+    "bits": Ignored((16,), "4/8-bit QLoRA is not supported", warns=False),
+    "fp16": Ignored((False,), "fp16 is not supported: --bf16 True, or fp32", warns=False),
+    **{k: Ignored(None, _LORA) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_weight_path", "lora_bias")},
+    **{k: Ignored(None, _LORA) for k in ("double_quant", "quant_type")},
 }
-MAPPED_FLAGS: dict[str, str] = {"deepspeed": "reshard_after_forward"}  # zero2 -> False, zero3* -> True
+# LLaVA flags that set a minillava field: flag -> what it does (its --help text).
+MAPPED_FLAGS: dict[str, str] = {
+    "deepspeed": "zero2*.json sets --reshard_after_forward False, zero3*.json True: FSDP2 replaces DeepSpeed (the "
+    "file is not read; CPU offload is not supported)"
+}
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -147,12 +181,6 @@ def str2bool(value: str | bool) -> bool:
     if not isinstance(value, bool) and value.lower() not in _BOOLS:
         raise ValueError(f"expected a bool (true/false/1/0/yes/no), got {value!r}")
     return value if isinstance(value, bool) else _BOOLS[value.lower()]
-
-
-def _known_versions() -> set[str]:
-    from minillava.conversation import KNOWN_VERSIONS  # lazy: the template module owns the list of versions
-
-    return set(KNOWN_VERSIONS)
 
 
 # Supported values of choice fields; anything else is a ValueError naming the flag.
@@ -170,6 +198,15 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "gradient_checkpointing": (True, False, "auto"),
     "report_to": ("none", "wandb"),
 }
+
+
+def _choices() -> dict[str, tuple[Any, ...]]:
+    """_CHOICES plus --version's choices."""
+    from minillava.conversation import KNOWN_VERSIONS  # lazy: the template module owns the list of versions
+
+    return {"version": tuple(sorted(KNOWN_VERSIONS)), **_CHOICES}
+
+
 _POSITIVE = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps",
              "save_total_limit")  # fmt: skip
 _NON_NEGATIVE = ("learning_rate", "mm_projector_lr", "weight_decay", "max_grad_norm", "save_steps",
@@ -199,7 +236,7 @@ class Config:
     def validate(self) -> None:
         """Raise ValueError naming the flag for any unsupported or inconsistent value; pure (no file is read)."""
         v = {**asdict(self.model), **asdict(self.data), **asdict(self.train)}
-        for name, allowed in {"version": tuple(sorted(_known_versions())), **_CHOICES}.items():
+        for name, allowed in _choices().items():
             _check(v[name] in allowed, name, v[name], f"supported: {', '.join(map(str, allowed))}")
         proj_ok = re.fullmatch(r"linear|identity|mlp\d+x_gelu", v["mm_projector_type"]) is not None
         _check(proj_ok, "mm_projector_type", v["mm_projector_type"], "expected linear, identity or mlp<N>x_gelu")
@@ -221,11 +258,6 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def _spellings(name: str) -> list[str]:
-    hyphen = name.replace("_", "-")  # hyphenated alias, as tyro/HF accept
-    return [f"--{name}"] + ([f"--{hyphen}"] if hyphen != name else [])
-
-
 def checkpoint_mode(value: str | bool) -> bool | str:
     """--gradient_checkpointing: a bool (LLaVA's) or auto."""
     return "auto" if isinstance(value, str) and value.lower() == "auto" else str2bool(value)
@@ -241,17 +273,80 @@ def _caster(tp: Any) -> Callable[[str], Any]:
 
 _ARG_CLASSES = (ModelArgs, DataArgs, TrainArgs)
 _FIELDS = [f for cls in _ARG_CLASSES for f in fields(cls)]
+_METAVARS = {str2bool: "BOOL", checkpoint_mode: "BOOL|auto", int: "INT", float: "FLOAT", str: "STR"}
+
+_DESCRIPTION = """\
+Train LLaVA-1.5 with FSDP2 in LLaVA's two stages (scripts/v1_5):
+  --stage 1  pretrain the projector on image-caption pairs (pretrain.sh); writes output_dir/mm_projector.bin
+  --stage 2  finetune the LLM and the projector on conversations (finetune.sh); writes a LLaVA-format model folder
+
+example (8 GPUs; `python train.py ...` runs one process):
+  torchrun --nproc_per_node 8 train.py --stage 1 --model_name_or_path ./checkpoints/vicuna-7b-v1.5 \\
+      --vision_tower ./checkpoints/clip-vit-large-patch14-336 --output_dir ./checkpoints/llava-v1.5-7b-pretrain \\
+      --data_path ./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json \\
+      --image_folder ./playground/data/LLaVA-Pretrain/images
+
+Precedence: defaults < --stage preset < explicit flags, so LLaVA's own flag lists run unchanged
+(configs/llava_v15_7b_stage1.sh, configs/llava_v15_7b_stage2.sh). Every flag also takes hyphens
+(--per-device-train-batch-size); "minillava:" marks the flags LLaVA does not have."""
+
+
+_IGNORED_NOTE = """\
+Taken so that LLaVA's scripts run, and not acted on: each warns once (not when given the value minillava
+uses anyway); a value not listed is an error."""
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def _preset_changes(stage: int) -> dict[str, Any]:
+    """What --stage `stage` changes: its preset minus the values that are the defaults anyway."""
+    defaults = {f.name: f.default for f in _FIELDS}
+    return {k: v for k, v in STAGE_PRESETS[stage].items() if v != defaults[k]}
+
+
+def _help(f: Any) -> str:
+    """A field's --help line: its text, then its default, the --stage presets' values and the choices. Rendered
+    here because the parser's defaults are SUPPRESS (argparse's %(default)s would show that)."""
+    text, notes = f.metadata["help"], ["required" if f.default is MISSING else f"default: {_shown(f.default)}"]
+    by_stage = {s: _preset_changes(s)[f.name] for s in STAGE_PRESETS if f.name in _preset_changes(s)}
+    if len(set(map(repr, by_stage.values()))) == 1 and len(by_stage) > 1:  # the same in every preset
+        by_stage = {", ".join(map(str, by_stage)): next(iter(by_stage.values()))}
+    notes += [f"--stage {s}: {_shown(v)}" for s, v in by_stage.items()]
+    if f.name == "stage":  # what each preset sets, from STAGE_PRESETS itself
+        for s in STAGE_PRESETS:
+            text += f"; {s} sets " + " ".join(f"--{k} {v}" for k, v in _preset_changes(s).items())
+    if f.name in _choices():
+        notes.append("choices: " + ", ".join(str(c) for c in _choices()[f.name] if c is not None))
+    return f"{text} ({'; '.join(notes)})".replace("%", "%%")
+
+
+def _add(group: Any, name: str, help: str, **kw: Any) -> None:
+    group.add_argument(f"--{name}", dest=name, help=help, **kw)
+    if "_" in name:  # the hyphenated alias, as tyro/HF accept; left out of --help (its description says so)
+        group.add_argument("--" + name.replace("_", "-"), dest=name, help=argparse.SUPPRESS, **kw)
 
 
 def _parser() -> argparse.ArgumentParser:
     # SUPPRESS: only flags given on the command line appear in the namespace, which makes precedence a dict merge.
-    p = _Parser(prog="train.py", allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    for f in _FIELDS:
-        cast = _caster(f.type)
-        bare = {"nargs": "?", "const": True} if cast in (str2bool, checkpoint_mode) else {}  # `--bf16` alone: True
-        p.add_argument(*_spellings(f.name), dest=f.name, type=cast, **bare)
-    for name in (*IGNORED_FLAGS, *MAPPED_FLAGS):
-        p.add_argument(*_spellings(name), dest=name, nargs="?", const="True")
+    p = _Parser(prog="train.py", usage="[torchrun ...] train.py [--stage {1,2}] --model_name_or_path DIR "
+                "--vision_tower DIR --data_path JSON --image_folder DIR --output_dir DIR [flags]",
+                description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False, argument_default=argparse.SUPPRESS)  # fmt: skip
+    for cls, title in zip(_ARG_CLASSES, ("model", "data", "training"), strict=True):
+        group = p.add_argument_group(title, inspect.cleandoc(cls.__doc__))
+        for f in fields(cls):
+            cast = _caster(f.type)
+            bare = {"nargs": "?", "const": True} if cast in (str2bool, checkpoint_mode) else {}  # `--bf16` alone: True
+            _add(group, f.name, _help(f), type=cast, metavar=_METAVARS[cast], **bare)
+    ignored = p.add_argument_group("LLaVA flags accepted but ignored", _IGNORED_NOTE)
+    for name, (accepted, why, _) in IGNORED_FLAGS.items():
+        values = "any value" if accepted is None else "accepted: " + ", ".join(map(str, accepted))
+        _add(ignored, name, f"{why} ({values})", nargs="?", const="True", metavar="VALUE")
+    mapped = p.add_argument_group("LLaVA flags mapped", "Set one of minillava's flags, with a warning saying so.")
+    for name, what in MAPPED_FLAGS.items():
+        _add(mapped, name, what, nargs="?", const="True", metavar="FILE")
     return p
 
 
@@ -273,7 +368,7 @@ def _map_deepspeed(path: str) -> bool:
 
 
 def _consume_ignored(explicit: dict[str, Any]) -> None:
-    for name, (accepted, why) in IGNORED_FLAGS.items():
+    for name, (accepted, why, warns) in IGNORED_FLAGS.items():
         if name not in explicit:
             continue
         value = explicit.pop(name)
@@ -283,8 +378,8 @@ def _consume_ignored(explicit: dict[str, Any]) -> None:
                 ok = (str2bool(value) if isinstance(like, bool) else type(like)(value)) in accepted
             except ValueError:
                 ok = False
-            _check(ok, name, value, f"unsupported; minillava only accepts {' or '.join(map(str, accepted))}")
-        if why is not None:
+            _check(ok, name, value, f"{why}; only {' or '.join(map(str, accepted))} is accepted")
+        if warns:
             warnings.warn(f"--{name} is ignored: {why}", ConfigWarning, stacklevel=3)
 
 

@@ -16,6 +16,7 @@ No torch.distributed: tensors come back as stored; callers cast, shard and gathe
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -508,15 +509,21 @@ def model_names(cfg) -> dict[str, str]:
 
 
 def check_paths(cfg) -> None:
-    """Start-up checks that read the disk (config.py validates without it), before any model is loaded: every path
-    exists (a model flag: a local folder, a hub id in the hub cache, or one to download when downloads are on), then,
-    when both model flags are local folders, check_model_files (otherwise train.fetch_models runs it once the hub ids
-    are in the cache); ValueError naming the flag."""
-    d = cfg.data
+    """Start-up checks that read the disk (config.py validates without it), before any model is loaded and before
+    --output_dir is created: the package --report_to needs is installed, every path exists (a model flag: a local
+    folder, a hub id in the hub cache, or one to download when downloads are on), then, when both model flags are
+    local folders, check_model_files (otherwise train.fetch_models runs it once the hub ids are in the cache);
+    ValueError naming the flag."""
+    d, t = cfg.data, cfg.train
+    if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:  # imported later, by metrics.py
+        raise ValueError("--report_to wandb: wandb is not installed: pip install wandb (or pip install "
+                         "'minillava[wandb]'), or pass --report_to none")  # fmt: skip
     for flag, name in model_names(cfg).items():
         if not is_repo_id(name) or constants.HF_HUB_OFFLINE:  # else not cached yet is fine: it is downloaded
             local_folder(name, flag)
-    paths = {"--data_path": (d.data_path, "file"), "--image_folder": (d.image_folder, "folder")}
+    resume = t.resume_from_checkpoint if t.resume_from_checkpoint != "auto" else None
+    paths = {"--data_path": (d.data_path, "file"), "--image_folder": (d.image_folder, "folder"),
+             "--resume_from_checkpoint": (resume, "folder")}  # fmt: skip
     for flag, (path, kind) in paths.items():
         if path is not None and not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
             why = "does not exist" if not os.path.exists(path) else f"is not a {kind}"

@@ -9,6 +9,7 @@ tokenizer_image_token, expand2square.
 """
 
 import argparse
+import inspect
 import sys
 from typing import Any
 
@@ -47,6 +48,12 @@ def load_image_processor_for(checkpoint: str, settings: LlavaSettings, vision_to
     return processor
 
 
+def _cache_keyword(llm: torch.nn.Module) -> str:
+    """The KV-cache argument of the LLM's forward: `cache` where transformers renamed it (5.24 warns on the old name,
+    a FutureWarning), else `past_key_values` (5.17 has no `cache`)."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_generate(
     model: LlavaModel,
@@ -63,16 +70,16 @@ def greedy_generate(
     whole sequence is recomputed every step (the reference the cache is tested against). Stops after eos."""
     ids = input_ids[None].to(model.llm.device)  # (1, T)
     embeds, _, mask, pos = model.embed_inputs(ids, torch.ones_like(ids, dtype=torch.bool), pixel_values)  # (1, T2, D)
-    cache = DynamicCache(config=model.llm.config) if use_cache else None
+    cache = {_cache_keyword(model.llm): DynamicCache(config=model.llm.config) if use_cache else None}
     step_embeds, step_pos, out = embeds, pos, []
     for _ in range(max_new_tokens):
         logits = model.llm(
             inputs_embeds=step_embeds,
             attention_mask=mask,
             position_ids=step_pos,
-            past_key_values=cache,
             use_cache=use_cache,
             logits_to_keep=1,
+            **cache,  # the DynamicCache is filled in place
         ).logits  # (1, 1, V)
         token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         out.append(int(token))

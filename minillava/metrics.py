@@ -124,7 +124,7 @@ class MetricsLogger:
         os.makedirs(output_dir, exist_ok=True)
         self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
         if report_to == "wandb":
-            import wandb  # optional dependency: pip install minillava[wandb]; WANDB_MODE=offline works without network
+            import wandb  # optional, checked at start-up (formats.check_paths); WANDB_MODE=offline needs no network
 
             self.wandb = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "minillava"), config=run_config, dir=output_dir

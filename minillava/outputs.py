@@ -8,7 +8,9 @@ stage 2 -> output_dir as a LLaVA stage-2 folder: config.json, sharded safetensor
 Writes go to a temporary name (file or staging directory) and are renamed into place, so a kill never leaves
 a half-written output.
 
-One run per output_dir: rank 0 holds an flock on output_dir/.minillava.lock for the whole run (lock_output_dir).
+One run per output_dir: rank 0 holds an flock on output_dir/.minillava.lock for the whole run (lock_output_dir);
+a run that stops in its start-up, before writing anything there, removes the lock file and the folders it made
+(unclaim_output_dir).
 A full disk (or quota) during a save stops the run with one line naming what was being written and the newest
 complete checkpoint, which the failed save left untouched; its partial files are removed.
 """
@@ -102,6 +104,31 @@ def lock_output_dir(output_dir: str):
     if error:
         raise ValueError(error)
     return lock
+
+
+def new_dirs(path: str) -> list[str]:
+    """The folders os.makedirs(path) would create (lock_output_dir does), deepest first; [] if path exists."""
+    made, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def unclaim_output_dir(lock, output_dir: str, made: list[str]) -> None:
+    """Rank 0, for a run that stops before writing into output_dir: undo lock_output_dir, so the directory is
+    as the run found it. The lock file goes (while still held: no other run can be using it), then the folders
+    in `made` (new_dirs, taken before the claim) while empty; nothing a user or an earlier run put there is
+    touched. lock None (the claim failed): only the empty folders go."""
+    if lock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, LOCK_NAME))
+        lock.close()
+    for path in made:
+        try:
+            os.rmdir(path)  # refuses a folder that holds anything
+        except OSError:
+            break
 
 
 def _disk_full_errno(e: BaseException, directory: str) -> int | None:

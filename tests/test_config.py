@@ -3,8 +3,10 @@ and GOLDEN parses of LLaVA's scripts/v1_5 flag lists (tests/assets) and of our c
 
 import json
 import os
+import re
 import shlex
 import warnings
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from minillava.config import (
     CONFIG_NAME,
     IGNORED_FLAGS,
+    MAPPED_FLAGS,
     STAGE_PRESETS,
     Config,
     ConfigWarning,
@@ -23,6 +26,7 @@ from minillava.config import (
     save_config,
     str2bool,
 )
+from minillava.conversation import KNOWN_VERSIONS
 from minillava.formats import check_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +156,88 @@ def test_unknown_flag_is_error(argv: list[str]) -> None:
 def test_parse_args_reads_sys_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["train.py", *STAGE1, "--seed", "7"])
     assert parse_args().train.seed == 7
+
+
+# ---------------------------------------------------------------- --help
+
+OURS = ("init_projector", "stage", "longest_first", "loss_reduction", "attn_implementation", "padding_free",
+        "reshard_after_forward", "hsdp")  # fmt: skip
+
+
+def help_text(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """`train.py --help` (exit 0) as {group title: its text with whitespace collapsed}."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (which breaks words at hyphens)
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    parts = re.split(r"^([A-Za-z][\w ]*):$", out, flags=re.M)  # a group title: a line of words and ':'
+    titles, texts = ["top", *parts[1::2]], parts[::2]
+    return {t: " ".join(b.split()) for t, b in zip(titles, texts, strict=True)}
+
+
+METAVAR = r"(?:STR|INT|FLOAT|\[BOOL\]|\[BOOL\|auto\]|\[VALUE\]|\[FILE\])"
+
+
+def entry(group: str, flag: str) -> str:
+    """One flag's entry in a collapsed group text: its metavar and help, up to the next flag's entry."""
+    match = re.search(rf"(?:^| )--{flag} ({METAVAR} .*?)(?= --[a-z0-9_]+ {METAVAR} |$)", group)
+    assert match, flag
+    return match.group(1)
+
+
+def test_help_explains_every_flag_with_its_default_and_choices(capsys, monkeypatch) -> None:
+    groups = help_text(capsys, monkeypatch)
+    assert list(groups) == ["top", "options", "model", "data", "training", "LLaVA flags accepted but ignored",
+                            "LLaVA flags mapped"]  # fmt: skip
+    assert groups["top"].startswith("usage: [torchrun ...] train.py [--stage {1,2}] --model_name_or_path DIR")
+    assert "--stage 1 pretrain the projector" in groups["top"] and "--stage 2 finetune the LLM" in groups["top"]
+    assert "torchrun --nproc_per_node 8 train.py --stage 1 --model_name_or_path" in groups["top"]
+    for cls, title in ((ModelArgs, "model"), (DataArgs, "data"), (TrainArgs, "training")):
+        for f in fields(cls):
+            text = entry(groups[title], f.name)
+            assert " ".join(f.metadata["help"].split()) in text, f.name
+            shown = "required" if f.default is MISSING else f"default: {'unset' if f.default is None else f.default}"
+            assert f"({shown}" in text, f.name
+    train = groups["training"]
+    assert entry(train, "learning_rate").endswith("(default: 5e-05; --stage 1: 0.001; --stage 2: 2e-05)")
+    assert entry(train, "model_max_length").endswith("(default: 512; --stage 1, 2: 2048)")
+    assert "choices: llava, global_token" in entry(train, "loss_reduction")
+    assert "choices: True, False, auto" in entry(train, "gradient_checkpointing")
+    assert entry(groups["model"], "version").endswith(f"choices: {', '.join(sorted(KNOWN_VERSIONS))})")
+    assert "choices: square, pad" in entry(groups["data"], "image_aspect_ratio")
+    group_of = {f.name: title for cls, title in ((ModelArgs, "model"), (TrainArgs, "training")) for f in fields(cls)}
+    for name in OURS:
+        assert entry(groups[group_of[name]], name).split(" ", 1)[1].startswith("minillava:"), name
+    assert not entry(train, "learning_rate").split(" ", 1)[1].startswith("minillava")
+    assert "--per-device-train-batch-size" not in train  # the hyphen aliases parse, unlisted
+    assert not any("llava-reference" in text or "%" in text for text in groups.values())
+
+
+def test_help_lists_ignored_mapped_and_unsupported_flags(capsys, monkeypatch) -> None:
+    groups = help_text(capsys, monkeypatch)
+    ignored, mapped = groups["LLaVA flags accepted but ignored"], groups["LLaVA flags mapped"]
+    for name, (accepted, why, _) in IGNORED_FLAGS.items():
+        text = entry(ignored, name)
+        assert why in text and (accepted is None) == ("(any value)" in text), name
+    for name in ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_weight_path", "lora_bias", "bits",
+                 "fp16", "double_quant", "quant_type"):  # fmt: skip
+        assert "not supported" in entry(ignored, name), name
+    assert "(accepted: False)" in entry(ignored, "lora_enable") and "(accepted: 16)" in entry(ignored, "bits")
+    assert set(MAPPED_FLAGS) == {"deepspeed"} and "--reshard_after_forward False" in entry(mapped, "deepspeed")
+    assert "warns once" in ignored and "warning" in mapped
+
+
+def test_help_of_stage_is_derived_from_the_presets(capsys, monkeypatch) -> None:
+    """--stage's line lists what each preset changes, read from STAGE_PRESETS (a changed preset changes it)."""
+    stage = entry(help_text(capsys, monkeypatch)["training"], "stage")
+    assert "1 sets --reshard_after_forward False --version plain" in stage and "--learning_rate 0.001" in stage
+    assert "2 sets --version v1" in stage and "--image_aspect_ratio pad --group_by_modality_length True" in stage
+    assert "--weight_decay" not in stage  # 0.0 in both presets: the default, not a change
+    monkeypatch.setitem(STAGE_PRESETS[2], "learning_rate", 7e-06)
+    groups = help_text(capsys, monkeypatch)
+    assert "--learning_rate 7e-06" in entry(groups["training"], "stage")
+    assert entry(groups["training"], "learning_rate").endswith("--stage 2: 7e-06)")
 
 
 # ---------------------------------------------------------------- ignored / mapped / unsupported flags

@@ -1,0 +1,86 @@
+"""train.py as a user meets it: `--help` prints and exits 0, a start-up error is one line on stderr (exit 1) before
+any model is loaded where it can be, and a run that fails its start-up leaves --output_dir as it found it."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import flags
+
+import train
+from minillava.config import parse_args
+from minillava.formats import check_paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_help_prints_and_exits_0():
+    run = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stderr == ""
+    first = run.stdout.splitlines()[:5]
+    assert first[0].startswith("usage: [torchrun ...] train.py [--stage {1,2}] --model_name_or_path DIR")
+    assert first[2:5] == [
+        "Train LLaVA-1.5 with FSDP2 in LLaVA's two stages (scripts/v1_5):",
+        "  --stage 1  pretrain the projector on image-caption pairs (pretrain.sh); writes output_dir/mm_projector.bin",
+        "  --stage 2  finetune the LLM and the projector on conversations (finetune.sh); writes a LLaVA-format model "
+        "folder",
+    ]
+    assert "torchrun --nproc_per_node 8 train.py --stage 1 --model_name_or_path" in run.stdout
+
+
+def _without_wandb(monkeypatch):
+    """find_spec says wandb is absent, whether or not it is installed here."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+
+
+def _bad_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": ')
+    return {"data_path": str(path)}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("wandb", "--report_to wandb: wandb is not installed: pip install wandb (or pip install 'minillava[wandb]')"),
+        ("resume", "--resume_from_checkpoint {missing}: does not exist"),
+        ("data", "--data_path {bad}: cannot read JSON"),  # read after the model is built
+    ],
+)
+def test_a_failed_start_up_leaves_no_output_dir(assets, tmp_path, monkeypatch, capsys, case, message):
+    """Each error is one line, and the nested --output_dir the run would have made is not there (before, the
+    missing wandb was a ModuleNotFoundError after the model was loaded, and the other two left output_dir with
+    the lock and minillava_config.json)."""
+    missing, bad = str(tmp_path / "nowhere" / "checkpoint-2"), str(tmp_path / "bad.json")
+    over = {"wandb": {"report_to": "wandb"}, "resume": {"resume_from_checkpoint": missing}, "data": _bad_json(tmp_path)}
+    if case == "wandb":
+        _without_wandb(monkeypatch)
+    out = tmp_path / "runs" / "a" / "o"
+    assert train.cli(flags(assets, str(out), **over[case])) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: " + message.format(missing=missing, bad=bad))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_start_up_leaves_an_existing_output_dir_as_it_was(assets, tmp_path):
+    """A folder the user made, with their file and an earlier run's checkpoint in it: nothing is added or removed
+    (before: .minillava.lock and minillava_config.json were left in it)."""
+    out = tmp_path / "o"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "COMPLETE").write_text("")
+    (out / "notes.txt").write_text("mine")
+    before = sorted(os.walk(out))
+    assert train.cli(flags(assets, str(out), **_bad_json(tmp_path))) == 1
+    assert sorted(os.walk(out)) == before and (out / "notes.txt").read_text() == "mine"
+
+
+def test_wandb_installed_passes_the_start_up_check(assets, tmp_path, monkeypatch):
+    cfg = parse_args(flags(assets, str(tmp_path / "o"), report_to="wandb"))
+    _without_wandb(monkeypatch)
+    with pytest.raises(ValueError, match="pip install wandb"):
+        check_paths(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # "installed"
+    check_paths(cfg)
