@@ -355,7 +355,7 @@ class DataCollator:
         if "pixel_values" in instances[0]:
             batch["pixel_values"] = torch.stack([x["pixel_values"] for x in instances])  # (B, 3, H, W)
         if "lost_labels" in instances[0]:  # the dataset's count of label tokens truncation cut, for logging
-            batch["lost_labels"] = sum(int(x["lost_labels"]) for x in instances)
+            batch["lost_labels"] = torch.stack([x["lost_labels"] for x in instances]).sum()
         return batch
 
 
