@@ -88,6 +88,11 @@ class TrainArgs:
     resume_from_checkpoint: str | None = None  # minillava: None | auto (latest in output_dir) | checkpoint path
     report_to: str = "none"  # none | wandb (HF 4.37 default all)
     dataloader_num_workers: int = 0  # DataLoader worker processes per rank
+    lora_enable: bool = False  # LoRA on every Linear of the LLM body (finetune_lora.sh: True); base weights frozen
+    lora_r: int = 64  # adapter rank (finetune_lora.sh: 128)
+    lora_alpha: int = 16  # adapter scale alpha / r (finetune_lora.sh: 256)
+    lora_dropout: float = 0.05  # dropout on the adapters' input
+    lora_bias: str = "none"  # only none (every v1.5 LoRA script)
 
 
 # scripts/v1_5/pretrain.sh and finetune.sh (LLaVA c121f04), transcribed flag by flag, minus paths (model, data,
@@ -119,7 +124,7 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
 
 # LLaVA/HF flags without a field: flag -> (accepted values, None = any; warning text, None = silent because the
 # accepted value is what minillava does anyway). Any other value is a ValueError.
-_LORA = "LoRA/QLoRA is not supported (only used with --lora_enable / --bits 4|8)"
+_QLORA = "QLoRA is not supported (only used with --bits 4|8)"
 IGNORED_FLAGS: dict[str, tuple[tuple[Any, ...] | None, str | None]] = {
     "evaluation_strategy": (None, "there is no evaluation loop"),
     "per_device_eval_batch_size": (None, "there is no evaluation loop"),
@@ -130,12 +135,12 @@ IGNORED_FLAGS: dict[str, tuple[tuple[Any, ...] | None, str | None]] = {
     "mpt_attn_impl": (None, "MPT is not supported"),
     "cache_dir": (None, "weights load through the default HF cache"),
     "optim": (("adamw_torch",), None),  # torch AdamW is the only optimizer (HF's adamw_torch)
-    "lora_enable": ((False,), None),
-    "bits": ((16,), None),
+    "bits": ((16,), None),  # QLoRA's 4/8-bit base weights (bitsandbytes): refused, _REFUSED says why
     "fp16": ((False,), None),  # bf16 or fp32 only
-    **{k: (None, _LORA) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_weight_path", "lora_bias")},
-    **{k: (None, _LORA) for k in ("double_quant", "quant_type")},
+    "lora_weight_path": (None, "LLaVA never reads it"),
+    **{k: (None, _QLORA) for k in ("double_quant", "quant_type")},
 }
+_REFUSED = {"bits": "QLoRA (4/8-bit base weights) is not supported; LoRA (--lora_enable True) trains on bf16 weights"}
 MAPPED_FLAGS: dict[str, str] = {"deepspeed": "reshard_after_forward"}  # zero2 -> False, zero3* -> True
 
 
@@ -169,9 +174,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "loss_reduction": ("llava", "global_token"),
     "gradient_checkpointing": (True, False, "auto"),
     "report_to": ("none", "wandb"),
+    "lora_bias": ("none",),  # LLaVA's all / lora_only also train biases; no v1.5 script uses them
 }
 _POSITIVE = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps",
-             "save_total_limit")  # fmt: skip
+             "save_total_limit", "lora_r", "lora_alpha")  # fmt: skip
 _NON_NEGATIVE = ("learning_rate", "mm_projector_lr", "weight_decay", "max_grad_norm", "save_steps",
                  "dataloader_num_workers")  # fmt: skip
 
@@ -210,6 +216,9 @@ class Config:
         _check(0.0 <= v["warmup_ratio"] <= 1.0, "warmup_ratio", v["warmup_ratio"], "must be in [0, 1]")
         _check(v["max_steps"] > 0 or v["num_train_epochs"] > 0, "num_train_epochs", v["num_train_epochs"],
                "must be > 0 unless --max_steps > 0")  # fmt: skip
+        _check(0.0 <= v["lora_dropout"] < 1.0, "lora_dropout", v["lora_dropout"], "must be in [0, 1)")
+        if v["lora_enable"] and v["tune_mm_mlp_adapter"]:
+            raise ValueError("--lora_enable True adapts the LLM (stage 2): drop --tune_mm_mlp_adapter")
         # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats.check_paths.
         adapter, init = v["pretrain_mm_mlp_adapter"], v["init_projector"]
         if init == "random" and adapter is not None:
@@ -283,7 +292,8 @@ def _consume_ignored(explicit: dict[str, Any]) -> None:
                 ok = (str2bool(value) if isinstance(like, bool) else type(like)(value)) in accepted
             except ValueError:
                 ok = False
-            _check(ok, name, value, f"unsupported; minillava only accepts {' or '.join(map(str, accepted))}")
+            want = _REFUSED.get(name, f"unsupported; minillava only accepts {' or '.join(map(str, accepted))}")
+            _check(ok, name, value, want)
         if why is not None:
             warnings.warn(f"--{name} is ignored: {why}", ConfigWarning, stacklevel=3)
 
