@@ -447,8 +447,8 @@ def read_lora_output(path: str) -> tuple[dict, dict[str, Tensor], dict[str, Tens
     return conf, adapters, {from_peft_key(k, path): v for k, v in non_lora.items()}
 
 
-def merged_lora_state(path: str, base: str | None = None, vision_tower: str | None = None) -> tuple[dict, dict]:
-    """(config.json, full state keyed by our names) of a LoRA output_dir merged into its base: the LLM of `base`
+def merged_lora_state(path: str, base: str | None = None, vision_tower: str | None = None) -> tuple[dict, dict, str]:
+    """(config.json, full state keyed by our names, base) of a LoRA output_dir merged into its base: the LLM of `base`
     (default: adapter_config's base_model_name_or_path) with W + B A alpha / r, CLIP from `vision_tower` (default
     the config's mm_vision_tower), the projector from non_lora_trainables.bin (scripts/merge_lora_weights.py)."""
     conf_lora, adapters, non_lora = read_lora_output(path)
@@ -459,7 +459,7 @@ def merged_lora_state(path: str, base: str | None = None, vision_tower: str | No
     state = pretrained_state_dict(base, _clip_folder(path, vision_tower))
     if missing := sorted(k for k in adapters if k.rsplit(".lora_", 1)[0] + ".weight" not in state):
         raise ValueError(f"--model_name_or_path {base}: no base weight for adapter {missing[0]}")
-    return conf, merge_lora(state, adapters, conf_lora["lora_alpha"] / conf_lora["r"]) | non_lora
+    return conf, merge_lora(state, adapters, conf_lora["lora_alpha"] / conf_lora["r"]) | non_lora, base
 
 
 # ---------------------------------------------------------------------------------------------- a run's start

@@ -114,3 +114,72 @@ def test_finetune_lora_runs_and_writes_llavas_layout(lora_run):
     assert sorted(non_lora) == [
         f"base_model.model.model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")
     ]
+
+
+def _our_lora_model(assets, out):
+    """Our LlavaModel from the base folders with the LoRA output's adapters and projector (fp32, eval)."""
+    from conftest import build_llava_from_pretrained
+
+    from minillava.formats import read_lora_output
+    from minillava.lora import add_lora
+
+    conf, adapters, non_lora = read_lora_output(out)
+    model = build_llava_from_pretrained(assets["llm"], assets["clip"])
+    add_lora(model.llm.model, conf["r"], conf["lora_alpha"], conf["lora_dropout"])
+    missing, unexpected = model.load_state_dict(adapters | non_lora, strict=False)
+    assert not unexpected and not any("lora_" in k or "mm_projector" in k for k in missing)
+    return model.eval()
+
+
+def _inputs(vocab=512):
+    from minillava.constants import IMAGE_TOKEN_INDEX
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 12), generator=g)
+    ids[:, 3] = IMAGE_TOKEN_INDEX
+    return ids, torch.ones_like(ids, dtype=torch.bool), torch.randn(2, 3, 28, 28, generator=g)
+
+
+@torch.no_grad()
+def _logits(model, ids, mask, pixels):
+    embeds, _, attn, pos = model.embed_inputs(ids, mask, pixels)
+    return model.llm(inputs_embeds=embeds, attention_mask=attn, position_ids=pos).logits
+
+
+def test_peft_loads_the_adapters_onto_the_base_llm(assets, lora_run):
+    """PeftModel.from_pretrained(tiny base LlamaForCausalLM, output_dir) computes our LoRA LLM's logits; the trained
+    adapters are not zero (so the check has teeth)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    ours = _our_lora_model(assets, lora_run["out"])
+    assert any(m.lora_B.weight.abs().sum() > 0 for m in ours.modules() if hasattr(m, "lora_B"))
+    base = LlamaForCausalLM.from_pretrained(assets["llm"], dtype=torch.float32, attn_implementation="sdpa")
+    peft_model = PeftModel.from_pretrained(base, lora_run["out"]).eval()
+    ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ours.llm(input_ids=ids).logits
+        got = peft_model(input_ids=ids).logits
+        plain = LlamaForCausalLM.from_pretrained(assets["llm"], dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-4)  # the adapters change the base model's logits
+
+
+def test_merged_folder_equals_the_unmerged_model(assets, lora_run, tmp_path):
+    """export --merge_lora writes a stage-2 folder: generate's loader reads it and its logits (images spliced) equal
+    those of the unmerged LoRA model; the llava-hf export reads it too; generate on the LoRA folder itself says
+    to merge first."""
+    from minillava import export
+    from minillava.generate import load_model
+
+    merged = str(tmp_path / "merged")
+    export.main(["--merge_lora", lora_run["out"], "--output", merged, "--dtype", "float32"])
+    model, settings = load_model(merged)
+    assert settings.mm_projector_type == "mlp2x_gelu"
+    ids, mask, pixels = _inputs()
+    unmerged = _logits(_our_lora_model(assets, lora_run["out"]), ids, mask, pixels)
+    torch.testing.assert_close(_logits(model, ids, mask, pixels), unmerged, rtol=1e-5, atol=1e-5)
+    export.main(["--checkpoint", merged, "--output", str(tmp_path / "hf")])
+    assert os.path.isfile(tmp_path / "hf" / "config.json")
+    with pytest.raises(ValueError, match="--merge_lora"):
+        load_model(lora_run["out"])
