@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 8 train.py --stage 1 [LLaVA flags...]   # projector pretraining (pretrain.sh)
     torchrun --nproc_per_node 8 train.py --stage 2 [LLaVA flags...]   # LLM + projector finetune (finetune.sh)
+    bash configs/llava_v15_7b_lora.sh                                 # LoRA + projector (finetune_lora.sh)
 
 Also runs as a plain `python train.py ...` (a 1-rank process group). Read top to bottom: train_step, then main."""
 
