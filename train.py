@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 8 train.py --stage 1 [LLaVA flags...]   # projector pretraining (pretrain.sh)
     torchrun --nproc_per_node 8 train.py --stage 2 [LLaVA flags...]   # LLM + projector finetune (finetune.sh)
+    bash configs/llava_v15_7b_lora.sh                                 # LoRA + projector (finetune_lora.sh)
 
 Also runs as a plain `python train.py ...` (a 1-rank process group). Read top to bottom: train_step, then main."""
 
@@ -32,6 +33,7 @@ from minillava.formats import (
     run_settings,
 )
 from minillava.layout import Batch, LayoutCollator
+from minillava.lora import add_lora, initial_lora_state
 from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
@@ -92,11 +94,14 @@ def meta_model(cfg: Config, llm_config, vision_config) -> LlavaModel:
             attn_implementation=t.attn_implementation,
             padding_free=t.padding_free,
         )
+        if t.lora_enable:  # adapters on every Linear of the LLM body (find_all_linear_names)
+            add_lora(model.llm.model, t.lora_r, t.lora_alpha, t.lora_dropout)
     set_trainable(
         model,
         tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
         freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
         freeze_backbone=m.freeze_backbone,
+        lora=t.lora_enable,
     )
     return model
 
@@ -159,6 +164,8 @@ def build_model(
         init_random_weights(model, info.device, random_weights_seed)
         return model, flops
     state = initial_state(cfg, llm_config, vision_config) if info.is_main else None
+    if state is not None and t.lora_enable:  # fresh adapters (B = 0: the run starts at the base model)
+        state |= initial_lora_state(model, t.seed)
     D.materialize_and_load(model, state, info.device)  # only rank 0 read the files; the others get their shards
     return model, flops
 

@@ -15,6 +15,8 @@ tokens (1 + 576 + text). Every configuration trains the same batch, so the rows 
   counted by FlopCounterMode on either side.
 - saved bytes / token: every tensor autograd saves during the step's forward, counted once per storage, parameters
   excluded, over the real LLM tokens.
+- trainable params: the parameters the optimizer updates. The LoRA rows (--lora_enable, finetune_lora.sh's flags with
+  r = hidden / 32, its 128 at 7B's 4096; alpha 2r) train adapters + projector on the same stage-2 batch.
 - host reads: .item / .tolist / .cpu / bool, int or float of a tensor / nonzero / boolean-mask indexing inside the
   step (torch.optim's own step counters excluded).
 """
@@ -42,6 +44,7 @@ from bench.hf_baseline import build_hf_model, to_hf_batch  # noqa: E402
 from minillava import distributed as D  # noqa: E402
 from minillava.config import parse_args  # noqa: E402
 from minillava.formats import run_settings  # noqa: E402
+from minillava.lora import add_lora  # noqa: E402
 from minillava.model import build_llava_from_config, set_trainable, splice  # noqa: E402
 
 READS = {
@@ -157,10 +160,17 @@ def run_config(stage: int, *flags: str):
         return parse_args(argv + (["--init_projector", "random"] if stage == 2 else []))
 
 
-def ours(stage: int, checkpointing: bool, packing: bool, tiny: bool) -> dict:
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def ours(stage: int, checkpointing: bool, packing: bool, tiny: bool, lora: bool = False) -> dict:
     llm_cfg, vis_cfg = configs(tiny)
+    r = llm_cfg.hidden_size // 32
+    lora_flags = ["--lora_enable", "True", "--lora_r", str(r), "--lora_alpha", str(2 * r), "--mm_projector_lr",
+                  "2e-5"] if lora else []  # fmt: skip
     cfg = run_config(stage, "--bf16", "False", "--per_device_train_batch_size", "4", "--gradient_checkpointing",
-                     str(checkpointing), "--padding_free", str(packing))  # fmt: skip
+                     str(checkpointing), "--padding_free", str(packing), *lora_flags)  # fmt: skip
     info = D.init_distributed()
     try:
         model, _ = train.build_model(cfg, info, (llm_cfg, vis_cfg), random_weights_seed=0)
@@ -170,11 +180,13 @@ def ours(stage: int, checkpointing: bool, packing: bool, tiny: bool) -> dict:
         with FlopCounterMode(display=False) as flops, reads, saved:
             train.train_step(model, [batch], optimizer, scheduler, cfg)
         plain = build_llava_from_config(llm_cfg, vis_cfg, run_settings(cfg))
-        set_trainable(plain, tune_mm_mlp_adapter=cfg.model.tune_mm_mlp_adapter)
+        if lora:
+            add_lora(plain.llm.model, r, 2 * r, cfg.train.lora_dropout)
+        set_trainable(plain, tune_mm_mlp_adapter=cfg.model.tune_mm_mlp_adapter, lora=lora)
         needed = needed_flops(plain, batch)
         tokens = sum(batch.seq_lens)
-        return row("minillava", stage, checkpointing, packing, flops.get_total_flops(), needed, saved.total, tokens,
-                   len(reads.where))  # fmt: skip
+        return row("minillava_lora" if lora else "minillava", stage, checkpointing, packing, flops.get_total_flops(),
+                   needed, saved.total, tokens, len(reads.where), _trainable(model))  # fmt: skip
     finally:
         D.cleanup(info)
 
@@ -199,14 +211,14 @@ def baseline(stage: int, checkpointing: bool, tiny: bool) -> dict:
     batch = plain.layout(raw)
     tokens = sum(batch.seq_lens)
     return row("hf_baseline", stage, checkpointing, False, flops.get_total_flops(), needed_flops(plain, batch),
-               saved.total, tokens, len(reads.where))  # fmt: skip
+               saved.total, tokens, len(reads.where), _trainable(model))  # fmt: skip
 
 
-def row(what, stage, checkpointing, packing, executed, needed, saved, tokens, reads) -> dict:
+def row(what, stage, checkpointing, packing, executed, needed, saved, tokens, reads, trainable) -> dict:
     return {
         "what": what, "stage": stage, "gradient_checkpointing": checkpointing, "packing": packing,
         "executed_over_needed_flops": round(executed / needed, 4), "executed_gflop": round(executed / 1e9, 2),
-        "saved_bytes_per_token": round(saved / tokens), "host_reads_per_step": reads,
+        "saved_bytes_per_token": round(saved / tokens), "host_reads_per_step": reads, "trainable_params": trainable,
     }  # fmt: skip
 
 
@@ -220,12 +232,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for checkpointing in (False, True):
             rows.append(baseline(stage, checkpointing, args.tiny))
             rows += [ours(stage, checkpointing, packing, args.tiny) for packing in (False, True)]
-    print("| run | stage | AC | packing | executed / needed FLOPs | saved bytes / token | host reads / step |")
-    print("|---|---|---|---|---|---|---|")
+    rows += [ours(2, checkpointing, True, args.tiny, lora=True) for checkpointing in (False, True)]  # beside stage 2
+    print("| run | stage | AC | packing | executed / needed FLOPs | saved bytes / token | host reads / step | "
+          "trainable params |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
         print(f"| {r['what']} | {r['stage']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
               f"{'yes' if r['packing'] else 'no'} | {r['executed_over_needed_flops']} | {r['saved_bytes_per_token']} | "
-              f"{r['host_reads_per_step']} |")  # fmt: skip
+              f"{r['host_reads_per_step']} | {r['trainable_params']:,} |")  # fmt: skip
     for r in rows:
         print(json.dumps(r))
     return rows

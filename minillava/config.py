@@ -110,6 +110,12 @@ class TrainArgs:
                                                "start if none), or a checkpoint-N folder")
     report_to: str = _flag("none", "metrics beyond output_dir/metrics.jsonl: none, or wandb (pip install wandb)")
     dataloader_num_workers: int = _flag(0, "DataLoader worker processes per rank")
+    lora_enable: bool = _flag(False, "LoRA adapters on every Linear of the LLM body (finetune_lora.sh: True): the "
+                              "base weights stay frozen in bf16, adapters and projector train")
+    lora_r: int = _flag(64, "adapter rank (finetune_lora.sh: 128)")
+    lora_alpha: int = _flag(16, "adapter scale alpha / r (finetune_lora.sh: 256)")
+    lora_dropout: float = _flag(0.05, "dropout on the adapters' input")
+    lora_bias: str = _flag("none", "adapter biases: none only (every v1.5 LoRA script)")
 
 
 # scripts/v1_5/pretrain.sh and finetune.sh (LLaVA c121f04), transcribed flag by flag, minus paths (model, data,
@@ -147,7 +153,7 @@ class Ignored(NamedTuple):
     warns: bool = True  # False: the accepted value is what minillava does anyway
 
 
-_LORA = "LoRA/QLoRA is not supported (only used with --lora_enable / --bits 4|8)"
+_QLORA = "QLoRA is not supported (only used with --bits 4|8)"
 IGNORED_FLAGS: dict[str, Ignored] = {
     "evaluation_strategy": Ignored(None, "there is no evaluation loop"),
     "per_device_eval_batch_size": Ignored(None, "there is no evaluation loop"),
@@ -160,11 +166,11 @@ IGNORED_FLAGS: dict[str, Ignored] = {
     "mpt_attn_impl": Ignored(None, "MPT is not supported"),
     "cache_dir": Ignored(None, "weights load through the default HF cache"),
     "optim": Ignored(("adamw_torch",), "the optimizer is torch AdamW (HF's adamw_torch)", warns=False),
-    "lora_enable": Ignored((False,), "LoRA is not supported", warns=False),
-    "bits": Ignored((16,), "4/8-bit QLoRA is not supported", warns=False),
+    "bits": Ignored((16,), "QLoRA (4/8-bit base weights) is not supported; LoRA (--lora_enable True) trains on bf16 "
+                    "weights", warns=False),
     "fp16": Ignored((False,), "fp16 is not supported: --bf16 True, or fp32", warns=False),
-    **{k: Ignored(None, _LORA) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_weight_path", "lora_bias")},
-    **{k: Ignored(None, _LORA) for k in ("double_quant", "quant_type")},
+    "lora_weight_path": Ignored(None, "LLaVA never reads it"),
+    **{k: Ignored(None, _QLORA) for k in ("double_quant", "quant_type")},
 }
 # LLaVA flags that set a minillava field: flag -> what it does (its --help text).
 MAPPED_FLAGS: dict[str, str] = {
@@ -197,6 +203,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "loss_reduction": ("llava", "global_token"),
     "gradient_checkpointing": (True, False, "auto"),
     "report_to": ("none", "wandb"),
+    "lora_bias": ("none",),  # LLaVA's all / lora_only also train biases; no v1.5 script uses them
 }
 
 
@@ -208,7 +215,7 @@ def _choices() -> dict[str, tuple[Any, ...]]:
 
 
 _POSITIVE = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps",
-             "save_total_limit")  # fmt: skip
+             "save_total_limit", "lora_r", "lora_alpha")  # fmt: skip
 _NON_NEGATIVE = ("learning_rate", "mm_projector_lr", "weight_decay", "max_grad_norm", "save_steps",
                  "dataloader_num_workers")  # fmt: skip
 
@@ -247,6 +254,9 @@ class Config:
         _check(0.0 <= v["warmup_ratio"] <= 1.0, "warmup_ratio", v["warmup_ratio"], "must be in [0, 1]")
         _check(v["max_steps"] > 0 or v["num_train_epochs"] > 0, "num_train_epochs", v["num_train_epochs"],
                "must be > 0 unless --max_steps > 0")  # fmt: skip
+        _check(0.0 <= v["lora_dropout"] < 1.0, "lora_dropout", v["lora_dropout"], "must be in [0, 1)")
+        if v["lora_enable"] and v["tune_mm_mlp_adapter"]:
+            raise ValueError("--lora_enable True adapts the LLM (stage 2): drop --tune_mm_mlp_adapter")
         # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats.check_model_files.
         adapter, init = v["pretrain_mm_mlp_adapter"], v["init_projector"]
         if init == "random" and adapter is not None:

@@ -2,6 +2,10 @@
 
     python -m minillava.export --checkpoint STAGE2_DIR --output HF_DIR [--vision_tower CLIP_DIR]
     python -m minillava.export --model_name_or_path LLM --pretrain_mm_mlp_adapter BIN --vision_tower CLIP --output DIR
+    python -m minillava.export --merge_lora LORA_DIR --output STAGE2_DIR [--model_name_or_path BASE_LLM]
+
+--merge_lora folds a LoRA run's adapters into its base LLM (scripts/merge_lora_weights.py: merge_and_unload) and
+writes a LLaVA stage-2 folder, which generate, training and the llava-hf export read.
 
 Each folder may be a hub id instead (lmsys/vicuna-7b-v1.5, openai/clip-vit-large-patch14-336, and a checkpoint's
 mm_vision_tower): read from the hub cache, downloaded into it first unless HF_HUB_OFFLINE=1 (formats.fetch).
@@ -22,6 +26,7 @@ from transformers import AddedToken, AutoTokenizer, CLIPVisionConfig, Generation
 from transformers.models.llava import LlavaImageProcessorPil
 
 from minillava.conversation import get_template
+from minillava.data import load_tokenizer
 from minillava.formats import (
     EMBEDDINGS,
     build_hf_model,
@@ -30,11 +35,13 @@ from minillava.formats import (
     fetch_checkpoint,
     hf_config,
     load_llava_checkpoint_state,
+    merged_lora_state,
     pretrained_state_dict,
     projector_state,
     read_settings,
 )
 from minillava.model import LlavaSettings
+from minillava.outputs import save_stage2_folder
 
 IMAGE_TOKEN, PAD_TOKEN, VOCAB_MULTIPLE = "<image>", "<pad>", 64  # convert_llava_weights_to_hf.py: 32000 + 2 -> 32064
 
@@ -149,21 +156,51 @@ def export_llava_hf(
     ).save_pretrained(output)
 
 
+def merge_lora_output(
+    lora_dir: str,
+    output: str,
+    *,
+    model_name_or_path: str | None = None,
+    vision_tower: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write `output` as a LLaVA stage-2 folder: the LoRA run's base LLM (default: adapter_config.json's
+    base_model_name_or_path) with the adapters merged, its projector, the CLIP tower, the base's tokenizer and
+    generation config, the run's config.json. dtype None: the LoRA run's (config.json dtype)."""
+    conf, state, base = merged_lora_state(lora_dir, model_name_or_path, vision_tower)
+    dtype = dtype or getattr(torch, conf.get("dtype") or "float32")
+    tokenizer = load_tokenizer(base, conf.get("tokenizer_model_max_length", 2048))
+    if os.path.isfile(os.path.join(base, "generation_config.json")):
+        generation = GenerationConfig.from_pretrained(base)
+    else:
+        generation = GenerationConfig(**{k: conf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    conf = {**conf, "dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype).removeprefix("torch.")}
+    save_stage2_folder(output, state.items(), conf, dtype, generation, tokenizer, base)
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: see the module docstring."""
     p = argparse.ArgumentParser(prog="python -m minillava.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="LLaVA-format stage-2 folder (minillava's or LLaVA's), or hub id")
-    p.add_argument("--model_name_or_path", help="base LLM folder or hub id (with --pretrain_mm_mlp_adapter)")
+    p.add_argument("--merge_lora", help="a LoRA run's output_dir: write a merged LLaVA stage-2 folder instead")
+    p.add_argument("--model_name_or_path", help="base LLM folder or hub id (with --pretrain_mm_mlp_adapter or "
+                   "--merge_lora)")  # fmt: skip
     p.add_argument("--pretrain_mm_mlp_adapter", help="stage-1 mm_projector.bin")
     p.add_argument("--vision_tower", help="CLIP folder or hub id (default: the checkpoint's mm_vision_tower)")
-    p.add_argument("--output", required=True, help="llava-hf folder to write")
+    p.add_argument("--output", required=True, help="llava-hf folder to write (stage-2 folder with --merge_lora)")
     p.add_argument("--version", default="v1", help="conversation template for the chat template")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed for the new <image>/<pad>/padding embedding rows")
     kw = vars(p.parse_args(argv))
     kw["dtype"] = None if kw["dtype"] == "auto" else getattr(torch, kw["dtype"])
-    output = kw.pop("output")
-    export_llava_hf(output, **kw)
+    output, lora = kw.pop("output"), kw.pop("merge_lora")
+    if lora:
+        if kw["checkpoint"] or kw["pretrain_mm_mlp_adapter"]:
+            raise ValueError("--merge_lora takes no --checkpoint / --pretrain_mm_mlp_adapter")
+        merge_lora_output(lora, output, model_name_or_path=kw["model_name_or_path"], vision_tower=kw["vision_tower"],
+                          dtype=kw["dtype"])  # fmt: skip
+    else:
+        export_llava_hf(output, **kw)
     print(f"wrote {os.path.abspath(output)}")
 
 

@@ -9,6 +9,8 @@
 - pretrained LLM / CLIP folders (safetensors, sharded or not, or pytorch_model*.bin), given as a local folder or a
   Hugging Face Hub id read from the hub cache (local_folder), as transformers' from_pretrained resolves a name.
 - the run's start: model configs, LlavaSettings and rank 0's full initial weights from the flags.
+- a LoRA run's output_dir (llava/train/train.py end of train()): config.json, peft's adapter_config.json and
+  adapter_model.safetensors, non_lora_trainables.bin (the projector), keys under PeftModel's base_model.model.
 - manifest.json: what a run's result depends on beyond its flags (code, library versions, data, tokenizer).
 - the records cache: where each record of a data file starts, and its word count (data.load_records).
 
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava import LlavaImageProcessorPil
 
+from minillava.lora import merge_lora
 from minillava.model import LlavaSettings, build_projector
 
 # Buffers that are non-persistent today; old checkpoints carry them (Vicuna's rotary inv_freq, CLIP's position_ids).
@@ -291,16 +294,22 @@ def _config(path: str) -> dict:
 
 
 def checkpoint_kind(path: str) -> str | None:
-    """ "llava-hf" (LlavaForConditionalGeneration), "llava" (LLaVA / minillava stage 2) or None (anything else)."""
+    """ "llava-hf" (LlavaForConditionalGeneration), "llava" (LLaVA / minillava stage 2), "llava-lora" (a LoRA run's
+    adapters) or None (anything else)."""
     conf = _config(path) if os.path.isfile(os.path.join(path, "config.json")) else {}
     if conf.get("model_type") == "llava" and "text_config" in conf:
         return "llava-hf"
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and "mm_hidden_size" in conf:
+        return "llava-lora"
     return "llava" if conf.get("model_type") in ("llava", "llava_llama") and "mm_hidden_size" in conf else None
 
 
 def _check_kind(path: str) -> str:
     if (kind := checkpoint_kind(path)) is None:
         raise ValueError(f"{path!r}: not a llava-hf or LLaVA-format stage-2 folder (config.json model_type)")
+    if kind == "llava-lora":
+        raise ValueError(f"{path!r}: LoRA adapters, not a model: python -m minillava.export --merge_lora {path} "
+                         "--output DIR writes the stage-2 folder")  # fmt: skip
     return kind
 
 
@@ -486,6 +495,73 @@ def build_hf_model(config: LlavaConfig, state: dict[str, Tensor]) -> LlavaForCon
     return model.eval()
 
 
+# ---------------------------------------------------------------------------------------------- LoRA outputs
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's names
+NON_LORA = "non_lora_trainables.bin"  # LLaVA's: the projector
+_PEFT = "base_model.model."  # PeftModel's prefix before LlavaLlamaForCausalLM's keys, in both files
+
+
+def to_peft_key(name: str) -> str:
+    """Our parameter name -> its key in LLaVA's LoRA files (base_model.model.model.layers.0...lora_A.weight)."""
+    return _PEFT + to_llava_key(name)
+
+
+def from_peft_key(key: str, path: str) -> str:
+    """A key of LLaVA's LoRA files -> our name (peft < 0.5 and LLaVA's own keys have no adapter-name level)."""
+    if not key.startswith(_PEFT):
+        raise _unexpected(path, key)
+    return from_llava_key(key[len(_PEFT) :], path)
+
+
+def lora_config(cfg, target_modules: list[str]):
+    """adapter_config.json as peft's LoraConfig, built as LLaVA's train() builds it (task CAUSAL_LM)."""
+    from peft import LoraConfig  # the optional extra minillava[lora]; check_paths asks for it up front
+
+    t = cfg.train
+    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules=target_modules, lora_dropout=t.lora_dropout,
+                      bias=t.lora_bias, task_type="CAUSAL_LM",
+                      base_model_name_or_path=cfg.model.model_name_or_path)  # fmt: skip
+
+
+def lora_content(named: Iterable[tuple[str, Tensor]], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The adapter_model.safetensors / non_lora_trainables.bin dict from (our name, tensor) pairs."""
+    return {to_peft_key(n): t.to(dtype).contiguous() for n, t in named}
+
+
+def read_lora_output(path: str) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
+    """(adapter_config, adapter weights, non-LoRA trainables) of a LoRA output_dir, tensors keyed by our names.
+    The weights are adapter_model.safetensors, or adapter_model.bin (peft < 0.6, as LLaVA's releases)."""
+    if checkpoint_kind(path) != "llava-lora":
+        raise ValueError(f"--merge_lora {path}: not a LoRA output_dir ({ADAPTER_CONFIG} + LLaVA config.json)")
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        conf = json.load(f)
+    if conf.get("peft_type", "LORA") != "LORA" or conf.get("bias", "none") != "none":
+        raise ValueError(f"--merge_lora {path}: only LoRA adapters without bias are supported")
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    raw = load_file(file) if os.path.isfile(file) else torch.load(file[: -len(".safetensors")] + ".bin",
+                                                                  weights_only=True)  # fmt: skip
+    adapters = {from_peft_key(k, path).replace(".default.", "."): v for k, v in raw.items()}
+    non_lora = torch.load(os.path.join(path, NON_LORA), weights_only=True)
+    return conf, adapters, {from_peft_key(k, path): v for k, v in non_lora.items()}
+
+
+def merged_lora_state(path: str, base: str | None = None, vision_tower: str | None = None) -> tuple[dict, dict, str]:
+    """(config.json, full state keyed by our names, base) of a LoRA output_dir merged into its base: the LLM of `base`
+    (default: adapter_config's base_model_name_or_path) with W + B A alpha / r, CLIP from `vision_tower` (default
+    the config's mm_vision_tower), the projector from non_lora_trainables.bin (scripts/merge_lora_weights.py)."""
+    conf_lora, adapters, non_lora = read_lora_output(path)
+    base = base or conf_lora.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"--merge_lora {path}: pass --model_name_or_path, the base LLM the adapters were trained on")
+    base = local_folder(base, "--model_name_or_path")
+    conf = _config(path)
+    state = pretrained_state_dict(base, clip_folder(path, vision_tower))
+    if missing := sorted(k for k in adapters if k.rsplit(".lora_", 1)[0] + ".weight" not in state):
+        raise ValueError(f"--model_name_or_path {base}: no base weight for adapter {missing[0]}")
+    return conf, merge_lora(state, adapters, conf_lora["lora_alpha"] / conf_lora["r"]) | non_lora, base
+
+
 # ---------------------------------------------------------------------------------------------- a run's start
 
 
@@ -530,6 +606,8 @@ def check_paths(cfg) -> None:
             raise ValueError(f"{flag} {path}: {why} (a local {kind} is expected)")
     if os.path.isfile(cfg.train.output_dir):
         raise ValueError(f"--output_dir {cfg.train.output_dir}: is a file, not a folder")
+    if cfg.train.lora_enable and importlib.util.find_spec("peft") is None:
+        raise ValueError("--lora_enable True writes peft's adapter format: pip install 'minillava[lora]' (peft)")
     if not model_names(cfg):
         check_model_files(cfg)
 

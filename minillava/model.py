@@ -18,6 +18,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from minillava.attention import VARLEN_ATTENTION, register_padded_sdpa, register_varlen_attention
 from minillava.constants import IGNORE_INDEX
 from minillava.layout import Batch, lay_out
+from minillava.lora import LoRALinear, is_lora_param
 from minillava.loss import chunked_cross_entropy
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -220,6 +221,9 @@ class LlavaModel(nn.Module):
         for m in self.mm_projector.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
+        for m in self.llm.modules():
+            if isinstance(m, LoRALinear):
+                m.reset_lora()
 
 
 def splice(text_embeds: Tensor, image_feats: Tensor, image_pos: Tensor, image_rows: Tensor) -> Tensor:
@@ -233,13 +237,23 @@ def splice(text_embeds: Tensor, image_feats: Tensor, image_pos: Tensor, image_ro
 
 
 def set_trainable(
-    model: LlavaModel, *, tune_mm_mlp_adapter: bool, freeze_mm_mlp_adapter: bool = False, freeze_backbone: bool = False
+    model: LlavaModel,
+    *,
+    tune_mm_mlp_adapter: bool,
+    freeze_mm_mlp_adapter: bool = False,
+    freeze_backbone: bool = False,
+    lora: bool = False,
 ) -> None:
-    """LLaVA's requires_grad sets (train.py): stage 1 projector only, stage 2 LLM + projector; tower frozen."""
+    """LLaVA's requires_grad sets (train.py): stage 1 projector only, stage 2 LLM + projector, LoRA the adapters +
+    projector; tower frozen."""
     model.requires_grad_(True)
     model.vision_tower.requires_grad_(False)
     if freeze_backbone:
         model.llm.model.requires_grad_(False)  # LLaVA freezes model.model: lm_head (and the projector) stay trainable
+    if lora:  # get_peft_model freezes all but the adapters; the projector, built after it, trains
+        model.llm.requires_grad_(False)
+        for name, p in model.llm.named_parameters():
+            p.requires_grad_(is_lora_param(name))
     if tune_mm_mlp_adapter:
         model.requires_grad_(False)
         model.mm_projector.requires_grad_(True)

@@ -4,7 +4,9 @@ checkpoints share. What goes into each file (names, contents, config.json) is mi
 Final outputs, gathered one tensor at a time and written by rank 0 through a staging directory:
 stage 1 -> output_dir/mm_projector.bin + config.json
 stage 2 -> output_dir as a LLaVA stage-2 folder: config.json, sharded safetensors + index, generation_config.json,
-           tokenizer files.
+           tokenizer files (also save_stage2_folder, from a state dict: minillava.export --merge_lora).
+LoRA    -> output_dir as LLaVA's LoRA run leaves it: config.json, adapter_config.json, adapter_model.safetensors,
+           non_lora_trainables.bin (get_peft_state_maybe_zero_3 / get_peft_state_non_lora_maybe_zero_3).
 Writes go to a temporary name (file or staging directory) and are renamed into place, so a kill never leaves
 a half-written output.
 
@@ -24,7 +26,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -36,15 +38,20 @@ from torch.distributed.tensor import DTensor
 
 from minillava.distributed import broadcast_object
 from minillava.formats import (
+    ADAPTER_WEIGHTS,
     INDEX_NAME,
     MANIFEST_NAME,
+    NON_LORA,
     SHARD_NAME,
     llava_config,
     local_folder,
+    lora_config,
+    lora_content,
     mm_projector_content,
     shard_name,
     to_llava_key,
 )
+from minillava.lora import is_lora_param, lora_targets
 
 _LEFTOVER = re.compile(r"checkpoint-\d+\.(tmp|old)-.+|\.final\.tmp-.+")  # from a save that was killed
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -233,12 +240,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def full_tensors(model: nn.Module, prefix: str = "", device: str | None = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full tensor) for every parameter/buffer of the state dict whose name starts with `prefix`, moved
-    to `device` (None: left where the all-gather put it, for ranks that discard it). Every rank must iterate: each
-    DTensor.full_tensor() is an all-gather. Only one full tensor exists at a time."""
+def full_tensors(
+    model: nn.Module, prefix: str = "", device: str | None = "cpu", names: set[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) for every parameter/buffer of the state dict whose name starts with `prefix` (and is
+    in `names`, if given), moved to `device` (None: left where the all-gather put it, for ranks that discard it).
+    Every rank must iterate: each DTensor.full_tensor() is an all-gather. Only one full tensor exists at a time."""
     for name, value in get_model_state_dict(model).items():  # sharded views, nothing gathered yet
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or (names is not None and name not in names):
             continue
         if isinstance(value, DTensor):
             value = value.full_tensor()
@@ -253,9 +262,19 @@ def save_projector(model: nn.Module, path: str, dtype: torch.dtype) -> None:
 
 
 def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
-    """Stream the full model into model-0000x-of-0000y.safetensors in `out` (rank 0 writes, every rank gathers),
-    HF's rule: a tensor that would overflow the current shard starts the next one. Rank 0 holds at most one shard
-    plus one gathered tensor. Returns the index (LLaVA key -> file, total tensor bytes) on rank 0."""
+    """Stream the full model into model-0000x-of-0000y.safetensors in `out` (rank 0 writes, every rank gathers).
+    Rank 0 holds at most one shard plus one gathered tensor. Returns the index on rank 0."""
+    tensors = full_tensors(model, device=None)
+    if not rank0():
+        for _ in tensors:  # the all-gathers rank 0 waits for
+            pass
+        return {}
+    return write_shards(tensors, out, dtype, max_shard_bytes)
+
+
+def write_shards(named: Iterable[tuple[str, torch.Tensor]], out: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    """(our name, tensor) pairs into model-0000x-of-0000y.safetensors in `out` with LLaVA keys, HF's rule: a tensor
+    that would overflow the current shard starts the next one. Returns the index (LLaVA key -> file, total bytes)."""
     shards: list[list[str]] = []
     buf: dict[str, torch.Tensor] = {}
     size = total = 0
@@ -267,10 +286,7 @@ def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes
         shards.append(list(buf))
         buf, size = {}, 0
 
-    on_rank0 = rank0()
-    for name, t in full_tensors(model, device=None):
-        if not on_rank0:
-            continue
+    for name, t in named:
         t = t.to("cpu", dtype).contiguous()  # one CPU copy, already in the saved dtype
         if buf and size + t.nbytes > max_shard_bytes:
             flush()
@@ -278,12 +294,11 @@ def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes
         size += t.nbytes
         total += t.nbytes
     weight_map: dict[str, str] = {}
-    if on_rank0:
-        flush()
-        for i, keys in enumerate(shards):
-            final = shard_name(i, len(shards))
-            os.replace(os.path.join(out, f"part-{i}"), os.path.join(out, final))
-            weight_map.update(dict.fromkeys(keys, final))
+    flush()
+    for i, keys in enumerate(shards):
+        final = shard_name(i, len(shards))
+        os.replace(os.path.join(out, f"part-{i}"), os.path.join(out, final))
+        weight_map.update(dict.fromkeys(keys, final))
     return {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
@@ -310,20 +325,18 @@ def save_final(
     Collective: call on all ranks."""
     out = cfg.train.output_dir
     stage = make_tmp_dir(out, ".final.tmp-")
+    full = not cfg.model.tune_mm_mlp_adapter and not cfg.train.lora_enable
     with removed_on_error(stage, out, out):
         if cfg.model.tune_mm_mlp_adapter:
             save_projector(model, os.path.join(stage, "mm_projector.bin"), dtype)
+        elif cfg.train.lora_enable:
+            _save_lora(model, stage, cfg, dtype)
         else:
             index = _save_shards(model, stage, dtype, max_shard_bytes)
         if rank0():
-            if not cfg.model.tune_mm_mlp_adapter:
-                write_json(os.path.join(stage, INDEX_NAME), index)
-                model.llm.generation_config.save_pretrained(stage)
-                tokenizer.save_pretrained(stage)
+            if full:
                 llm = local_folder(cfg.model.model_name_or_path, "--model_name_or_path")
-                sp_model = os.path.join(llm, "tokenizer.model")
-                if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
-                    shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
+                _stage2_extras(stage, index, model.llm.generation_config, tokenizer, llm)
             if manifest is not None:
                 write_json(os.path.join(stage, MANIFEST_NAME), manifest)
             write_json(os.path.join(stage, "config.json"), llava_config(model, cfg, dtype))
@@ -331,9 +344,57 @@ def save_final(
     dist.barrier()
 
 
+def _stage2_extras(stage: str, index: dict, generation_config, tokenizer, tokenizer_src: str) -> None:
+    """A stage-2 folder's files besides the weights: the index, generation_config.json and the tokenizer."""
+    write_json(os.path.join(stage, INDEX_NAME), index)
+    generation_config.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
+    sp_model = os.path.join(tokenizer_src, "tokenizer.model")
+    if os.path.isfile(sp_model) and not os.path.exists(os.path.join(stage, "tokenizer.model")):
+        shutil.copyfile(sp_model, os.path.join(stage, "tokenizer.model"))  # LLaVA loads use_fast=False
+
+
+def _save_lora(model: nn.Module, stage: str, cfg, dtype: torch.dtype) -> None:
+    """LLaVA's LoRA files (train.py end of train()): the adapters in peft's layout, every other trainable tensor
+    (the projector) in non_lora_trainables.bin. Collective: every rank gathers, rank 0 writes."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if is_lora_param(n)}
+    adapters = lora_content(full_tensors(model, names=lora), dtype)
+    non_lora = lora_content(full_tensors(model, names=trainable - lora), dtype)
+    if rank0():
+        lora_config(cfg, lora_targets(model)).save_pretrained(stage)  # adapter_config.json
+        save_file(adapters, os.path.join(stage, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        os.chmod(os.path.join(stage, ADAPTER_WEIGHTS), 0o644)  # safetensors creates 0600 files
+        torch.save(non_lora, os.path.join(stage, NON_LORA))
+
+
+def save_stage2_folder(
+    out: str,
+    named: Iterable[tuple[str, torch.Tensor]],
+    config: dict,
+    dtype: torch.dtype,
+    generation_config,
+    tokenizer,
+    tokenizer_src: str,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """A LLaVA stage-2 folder from (our name, full tensor) pairs, without a process group (minillava.export
+    --merge_lora); staged and renamed into place as save_final's."""
+    os.makedirs(out, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".final.tmp-", dir=out)
+    index = write_shards(named, stage, dtype, max_shard_bytes)
+    _stage2_extras(stage, index, generation_config, tokenizer, tokenizer_src)
+    write_json(os.path.join(stage, "config.json"), config)
+    _publish(stage, out)
+
+
 def next_steps(cfg) -> str:
     """What the final outputs are and how to use them, printed at the end of a run."""
     out = os.path.abspath(cfg.train.output_dir)
+    if cfg.train.lora_enable:
+        return (f"LoRA adapters: {out} (LLaVA's LoRA layout; peft.PeftModel.from_pretrained loads them onto the base "
+                f"LLM). For generate / export, merge them: python -m minillava.export --merge_lora {out} --output "
+                f"{out}-merged")  # fmt: skip
     if cfg.model.tune_mm_mlp_adapter:
         return (f"projector: {out}/mm_projector.bin. Next, stage 2 (LLaVA's finetune.sh): the same launcher with "
                 f"train.py --stage 2 --pretrain_mm_mlp_adapter {out}/mm_projector.bin --data_path <instruction "

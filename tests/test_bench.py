@@ -111,7 +111,13 @@ def test_cpu_counts_table_tiny():
 
     rows = counts.main(["--tiny"])
     ours = [r for r in rows if r["what"] == "minillava"]
-    assert len(ours) == 8 and len(rows) == 12
+    assert len(ours) == 8 and len(rows) == 14
+    lora = [r for r in rows if r["what"] == "minillava_lora"]  # beside the packed stage-2 rows, AC off and on
+    full = [r for r in ours if r["stage"] == 2 and r["packing"]]
+    assert [r["gradient_checkpointing"] for r in lora] == [False, True]
+    for a, b in zip(lora, full, strict=True):  # adapters + projector only; the adapters' own activations show
+        assert a["host_reads_per_step"] == 2 and a["trainable_params"] < b["trainable_params"] / 5
+        assert a["saved_bytes_per_token"] <= b["saved_bytes_per_token"] * 1.5
     assert all(r["host_reads_per_step"] == 2 for r in ours)
     for r in ours:
         if r["packing"] and not r["gradient_checkpointing"]:

@@ -263,8 +263,8 @@ def test_supported_value_of_fieldless_flag_is_silent(argv: list[str]) -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--lora_enable", "True"],
-        ["--lora_enable"],
+        ["--lora_enable", "True", "--tune_mm_mlp_adapter", "True"],
+        ["--lora_bias", "all"],
         ["--bits", "4"],
         ["--bits", "8"],
         ["--bits", "four"],
