@@ -4,7 +4,8 @@
 # is installed only if that environment has no torch, so a CUDA build installed there first is kept (README,
 # "GPU machines"); then minillava itself, editable, with EXTRAS (e.g. dev). NEED: more modules the caller imports.
 VENV=${VENV:-.venv}
-if ! python -c "import minillava, torch${NEED:+, $NEED}" 2>/dev/null; then
+# installed (its dependencies with it), not merely importable from this folder
+if ! python -c "import importlib.metadata as m; m.version('minillava'); import torch${NEED:+, $NEED}" 2>/dev/null; then
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     source "$VENV/bin/activate"
     python -m pip install -q --upgrade pip
