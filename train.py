@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
 def cli(argv: list[str]) -> int:
     """`python train.py` / torchrun: main() with what a user can fix as one line on stderr instead of a traceback.
     A bad flag, path or file (ValueError) is the same on every rank: the first rank of each node prints it; a bad
-    sample (SampleError) is printed by the rank that read it; so is a full disk. Preemption exits with EXIT_CODE."""
+    sample (SampleError) is printed by the rank that read it; a full disk (OSError ENOSPC / EDQUOT) like a bad flag.
+    Preemption exits with EXIT_CODE."""
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         main(argv)

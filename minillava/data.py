@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -144,10 +145,10 @@ def _signed_words(record: Any) -> int:
     return WORDS_INVALID if n == 0 else n if "image" in record else -n
 
 
-def _scan_records(data_path: str, text: str):
-    """(start, end, signed word count) of each record of the list in `text` (character offsets of its JSON text),
-    parsed one record at a time: the parsed list is never held."""
-    space = re.compile(r"\s*")
+def _scan_records(data_path: str, text: str) -> tuple[list[int], list[int]]:
+    """The records of the JSON list in `text`, parsed one at a time (the parsed list is never held): the character
+    offset where each record's JSON text starts, then where the last one ends; and their signed word counts."""
+    space, offsets, words = re.compile(r"\s*"), [], []
     pos = space.match(text).end()
     if text[pos : pos + 1] != "[":
         got = type(json.loads(text)).__name__  # a JSONDecodeError if it is not JSON at all
@@ -157,7 +158,8 @@ def _scan_records(data_path: str, text: str):
         raise ValueError(f"--data_path {data_path}: the list holds no samples")
     while True:
         record, end = _DECODER.raw_decode(text, pos)
-        yield pos, end, _signed_words(record)
+        offsets.append(pos)
+        words.append(_signed_words(record))
         pos = space.match(text, end).end()
         if text[pos : pos + 1] == "]":
             break
@@ -166,24 +168,19 @@ def _scan_records(data_path: str, text: str):
         pos = space.match(text, pos + 1).end()
     if space.match(text, pos + 1).end() != len(text):
         raise json.JSONDecodeError("Extra data", text, pos + 1)
+    return [*offsets, end], words
 
 
-def _byte_offsets(text: str, records) -> tuple[list[int], list[int]]:
-    """The records' UTF-8 byte offsets in the file (each start, then the last one's end) and word counts."""
-    starts, ends, words = [], [0], []
-    for start, end, n in records:
-        starts.append(start)
-        ends[0] = end
-        words.append(n)
-    chars = starts + ends
+def _byte_offsets(text: str, chars: list[int]) -> list[int]:
+    """Character offsets into `text` as byte offsets into its UTF-8 file."""
     if text.isascii():  # one byte per character
-        return chars, words
+        return chars
     offsets, done, nbytes = [], 0, 0
     for c in chars:
         nbytes += len(text[done:c].encode())
         offsets.append(nbytes)
         done = c
-    return offsets, words
+    return offsets
 
 
 def load_records(data_path: str) -> RecordFile:
@@ -199,7 +196,8 @@ def load_records(data_path: str) -> RecordFile:
                 if (cached := read_records_cache(folder)) is None:
                     with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
                         text = f.read()
-                    write_records_cache(folder, *_byte_offsets(text, _scan_records(data_path, text)))
+                    chars, words = _scan_records(data_path, text)
+                    write_records_cache(folder, _byte_offsets(text, chars), words)
                     cached = read_records_cache(folder)
     except UnicodeDecodeError as e:
         raise ValueError(f"--data_path {data_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
@@ -264,14 +262,16 @@ class LazySupervisedDataset(Dataset):
         """Word count per sample, positive with an image, negative without (train.py L683-690), counted once when
         the records cache was built; the first invalid sample is named."""
         words = self.records.words
-        for i in (words == WORDS_INVALID).nonzero()[0][:1]:
-            record = self.records[int(i)]
+        invalid = (words == WORDS_INVALID).nonzero()[0]
+        if len(invalid):
+            i = int(invalid[0])
+            record, where = self.records[i], describe(i, self.records[i], self.data_path)
             try:
                 word_count(record)
             except ValueError as e:
-                raise ValueError(f"{describe(int(i), record, self.data_path)}: {e}") from None
+                raise ValueError(f"{where}: {e}") from None
             # zero words: its sign could not carry the modality; LLaVA's sampler asserts on it
-            raise ValueError(f"{describe(int(i), record, self.data_path)}: the sample has zero words")
+            raise ValueError(f"{where}: the sample has zero words")
         return words.tolist()
 
     @property
@@ -308,8 +308,7 @@ class LazySupervisedDataset(Dataset):
             raise ValueError(f"{where}: {e}") from None
         # LLaVA truncates text-only samples here and every sample in the collator: the same ids either way, but
         # per sample we can see the ones left without a single supervised token.
-        full = supervised_tokens(torch.tensor(input_ids), torch.tensor(labels), self.image_tokens, len(input_ids) *
-                                 max(self.image_tokens, 1))  # fmt: skip
+        full = supervised_tokens(torch.tensor(input_ids), torch.tensor(labels), self.image_tokens, sys.maxsize)
         input_ids, labels = input_ids[: self.model_max_length], labels[: self.model_max_length]
         out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         kept = supervised_tokens(out["input_ids"], out["labels"], self.image_tokens, self.model_max_length)
