@@ -294,10 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=ConfigWarning)
     cfg = parse_args(argv)
     check_paths(cfg)  # the start-up checks that read the disk (parse_args reads nothing)
-    info = D.init_distributed()
+    info = D.init_distributed(background=cfg.train.async_save)  # async checkpoints: D.background_group
     stop = StopRequest(watch_agent="TORCHELASTIC_RUN_ID" in os.environ)  # SIGTERM / dead torchrun: save and stop
     t = cfg.train
-    logger = lock = None
+    logger = lock = ckpt = None
     made, started = new_dirs(t.output_dir), False  # a run that fails its start-up leaves no --output_dir behind
     try:
         fetch_models(cfg, info)  # hub ids: downloaded once per node, before anything is written to --output_dir
@@ -377,17 +377,21 @@ def main(argv: list[str] | None = None) -> None:
             saved = ckpt.save_if_due(step + 1)
             if stopping and step + 1 < total_steps:
                 saved = saved or ckpt.save(step + 1)
+                ckpt.wait()  # the checkpoint is written and published before the exit
                 raise Preempted(
                     f"stopped after step {step + 1} of {total_steps} ({stop.reason or 'another rank was asked to'}): "
                     f"saved {saved}; to continue, "
                     "run the same command with --resume_from_checkpoint auto"
                 )
         logger.close()
+        ckpt.wait()  # a checkpoint still being written is finished and published first
         save_final(model, cfg, tokenizer, dtype, manifest=manifest)
         D.print0(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; {logger.summary()}\n{next_steps(cfg)}")
     finally:
         if logger is not None:
             logger.close()  # ends the progress bar before any error is printed
+        if ckpt is not None:
+            ckpt.close()  # after an error: lets a checkpoint being written finish (no collective)
         if info.is_main and not started:
             unclaim_output_dir(lock, t.output_dir, made)  # the lock file and the folders this run made
         elif lock is not None:

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from minillava.config import CONFIG_NAME
-from minillava.distributed import broadcast_object, print0
+from minillava.distributed import background_group, broadcast_object, print0
 from minillava.formats import MANIFEST_NAME, llava_config, manifest_changes
 from minillava.outputs import (
     MARKER,
@@ -187,29 +189,50 @@ class Checkpointer:
             "per_device_train_batch_size": t.per_device_train_batch_size,
             "dataset_length": dataset_length,
         }
+        self._pending: Future | None = None  # the save in flight: its path once published
+        self._stager = None  # --async_save: DCP's host buffers, kept and reused by every save
+        if t.async_save:
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False, use_async_staging=False,
+                use_non_blocking_copy=False))  # fmt: skip
 
     def save_if_due(self, step: int) -> str | None:
-        """Save every --save_steps; the checkpoint's path, or None when none was due."""
+        """After each step: publish a finished background save (poll), then start checkpoint-<step> if --save_steps
+        makes it due; returns its path, or None when none was due."""
+        self.poll()
         if self.cfg.train.save_steps > 0 and step % self.cfg.train.save_steps == 0:
             return self.save(step)
         return None
 
     def save(self, step: int) -> str:
-        """Write checkpoint-<step> (collective) and apply --save_total_limit; returns its path. On a failure (a
-        full disk: one line, outputs.removed_on_error) the partial checkpoint is removed."""
+        """Start checkpoint-<step> (collective) and return its path. It returns once the state is copied to host
+        memory (with --async_save False, once it is written): DCP writes it in a background thread, whose last act
+        is to publish it (_publish: COMPLETE, rename, --save_total_limit). One save is in flight at a time: a
+        previous one is finished first. On a failure (a full disk: one line, outputs.removed_on_error) the partial
+        checkpoint is removed, and poll() or wait() raises it."""
+        self.wait()
         t = self.cfg.train
         tmp = make_tmp_dir(t.output_dir, f"checkpoint-{step}.tmp-")
         final = os.path.join(t.output_dir, f"checkpoint-{step}")
         with removed_on_error(tmp, final, t.output_dir):
-            self._write(step, tmp, final)
-        dist.barrier()
+            self._write_small_files(step, tmp)  # first: rank 0 publishes once every rank's DCP write is done
+            state = {"model": get_model_state_dict(self.model, options=TRAINABLE)}
+            state["optimizer"] = _optimizer_state(self.model, self.optimizer)
+            if self._stager is not None:  # copy to the stager's buffers, then write them in DCP's thread
+                upload = dcp.async_save(state, checkpoint_id=tmp, process_group=background_group(),
+                                        async_stager=self._stager)  # fmt: skip
+            else:
+                dcp.save(state, checkpoint_id=tmp)
+                upload = Future()
+                upload.set_result(None)
+        self._pending = published = Future()
+        upload.add_done_callback(lambda upload: self._publish(upload, step, tmp, final, published))
+        if self._stager is None:
+            self.wait()
         return final
 
-    def _write(self, step: int, tmp: str, final: str) -> None:
+    def _write_small_files(self, step: int, tmp: str) -> None:
         t, rank = self.cfg.train, dist.get_rank()
-        state = {"model": get_model_state_dict(self.model, options=TRAINABLE)}
-        state["optimizer"] = _optimizer_state(self.model, self.optimizer)
-        dcp.save(state, checkpoint_id=tmp)
         torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{rank}.pth"))
         if self.cfg.model.tune_mm_mlp_adapter:
             save_projector(self.model, os.path.join(tmp, "mm_projector.bin"), self.dtype)
@@ -223,13 +246,53 @@ class Checkpointer:
                 write_json(os.path.join(tmp, MANIFEST_NAME), self.manifest)
             if self.cfg.model.tune_mm_mlp_adapter:
                 write_json(os.path.join(tmp, "config.json"), llava_config(self.model, self.cfg, self.dtype))
-        dist.barrier()  # every rank's files are in tmp
-        if os.environ.get(CRASH_HOOK) == str(step):
-            os._exit(1)  # test hook: as if killed mid-save
-        if rank == 0:
-            write_text(os.path.join(tmp, MARKER), f"{step}\n")
-            replace_dir(tmp, final)
-            _rotate(t.output_dir, t.save_total_limit, keep=final)
+
+    def _publish(self, upload: Future, step: int, tmp: str, final: str, published: Future) -> None:
+        """In DCP's thread, once this rank's write is done: rank 0 writes COMPLETE, renames and rotates. Rank 0's
+        write ends with .metadata, which DCP writes after gathering every rank's write results, so by then every
+        rank's files are in tmp. The outcome (or the error, made one line by removed_on_error) goes to `published`."""
+        try:
+            with removed_on_error(tmp, final, self.cfg.train.output_dir):
+                upload.result()  # DCP gives every rank the error of any
+                if os.environ.get(CRASH_HOOK) == str(step):
+                    os._exit(1)  # test hook: as if killed mid-save
+                if rank0():
+                    write_text(os.path.join(tmp, MARKER), f"{step}\n")
+                    replace_dir(tmp, final)
+                    _rotate(self.cfg.train.output_dir, self.cfg.train.save_total_limit, keep=final)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            published.set_exception(e)
+        else:
+            published.set_result(final)
+
+    def poll(self) -> None:
+        """Every rank, no collective: raise the error of a background save that failed, once it has. DCP fails a
+        save on every rank, each at its next poll; a rank that stops takes the others down (torchrun)."""
+        if self._pending is not None and self._pending.done():
+            self._pending, pending = None, self._pending
+            pending.result()
+
+    def wait(self) -> None:
+        """Collective: finish the save in flight, if any; every rank returns after it is published (or raises its
+        error). Called before the next save, at the end of training and on preemption."""
+        if self._pending is not None:
+            self._pending, pending = None, self._pending
+            pending.result()
+        dist.barrier()
+
+    def close(self) -> None:
+        """End of the run, also after an error: let this rank's write in flight finish (its thread uses a process
+        group that distributed.cleanup destroys), so a good checkpoint is still published. No collective, so it
+        cannot hang on a rank that died; a failure is a warning here, since another error is already on its way."""
+        if self._pending is not None:
+            self._pending, pending = None, self._pending
+            try:
+                pending.result()
+            except BaseException as e:
+                print(f"warning: a checkpoint was not saved: {_first_line(e)}")
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def resume(self) -> int:
         """Restore --resume_from_checkpoint (auto | PATH) if given; returns the step to continue from (0: fresh)."""

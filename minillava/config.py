@@ -106,6 +106,8 @@ class TrainArgs:
     logging_steps: int = _flag(1, "log every N steps (metrics.jsonl, progress bar, wandb); HF's default is 500")
     save_steps: int = _flag(500, "resumable checkpoint every N steps; 0 = only the final save")
     save_total_limit: int | None = _flag(None, "keep the newest N step checkpoints (unset: all)")
+    async_save: bool = _flag(True, "minillava: write checkpoints in the background; training waits only for the "
+                             "copy of the state to host memory, which keeps one copy of it. False: wait for the write")
     resume_from_checkpoint: str | None = _flag(None, "auto = the newest complete checkpoint in --output_dir (a fresh "
                                                "start if none), or a checkpoint-N folder")
     report_to: str = _flag("none", "metrics beyond output_dir/metrics.jsonl: none, or wandb (pip install wandb)")

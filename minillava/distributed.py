@@ -36,9 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(background: bool = False) -> DistInfo:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU). A plain `python train.py` becomes a 1-rank group,
-    so single-process runs take exactly the same FSDP2 code path as 8-GPU runs."""
+    so single-process runs take exactly the same FSDP2 code path as 8-GPU runs. background: also make
+    background_group() now, while torchrun's store is up (a save on preemption may come after the agent died)."""
     owns = not dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -51,13 +52,27 @@ def init_distributed() -> DistInfo:
         if "RANK" not in os.environ:  # not under torchrun: a private 1-rank group; os.environ is left untouched
             kw.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+    if background:
+        background_group()
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, owns)
 
 
+_BACKGROUND: list = []  # background_group()'s group, made once
+
+
+def background_group() -> dist.ProcessGroup:
+    """A gloo group over every rank for the collectives of a background thread (DCP's async checkpoint writes),
+    which must not interleave with the step's on the default group. Collective the first time (every rank calls it)."""
+    if not _BACKGROUND:
+        _BACKGROUND.append(dist.new_group(backend="gloo"))
+    return _BACKGROUND[0]
+
+
 def cleanup(info: DistInfo) -> None:
-    """Destroy the process group if we created it."""
+    """Destroy the process group if we created it (and background_group's with it)."""
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+        _BACKGROUND.clear()
 
 
 def barrier() -> None:
@@ -69,7 +84,8 @@ def collective_device() -> torch.device:
     """The device whose tensors the default group's backend serves: NCCL takes CUDA tensors only (the current
     device, which init_distributed sets to LOCAL_RANK), gloo CPU ones. Every tensor this module hands to a collective
     is made here. We keep one backend per run rather than a "cpu:gloo,cuda:nccl" pair: a second (TCP) mesh per rank
-    costs start-up time at scale and would hide a CPU tensor that slipped onto the GPU path."""
+    costs start-up time at scale and would hide a CPU tensor that slipped onto the GPU path. (Async checkpoints
+    need a gloo group, background_group(); --async_save False does without it.)"""
     if dist.is_initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -394,6 +395,7 @@ def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
         _step(model, optimizer, scheduler, batch, drop=unused)
         ckpt.save(1)
         _step(model, optimizer, scheduler, batch)
+        ckpt.wait()  # checkpoint-1 was written in the background while that step changed the weights
         expected = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
         for start in (0, 1):
             cfg.train.resume_from_checkpoint = os.path.join(out, f"checkpoint-{start}")
@@ -406,5 +408,45 @@ def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
                 _step(model, optimizer, scheduler, batch, drop=unused if s == 0 else None)
             for k, v in model.state_dict().items():
                 assert torch.equal(v.full_tensor(), expected[k]), k
+    finally:
+        D.cleanup(info)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_save_is_written_while_training_goes_on(data, tmp_path, monkeypatch, background):
+    """--async_save (default): save() returns with the write still held back (DCP's write_data waits on a gate), a
+    step changes the weights, and the checkpoint, published once the write ends, resumes to the weights at the
+    save, not the later ones: the state was copied to host memory at save(). --async_save False: published at once."""
+    out = str(tmp_path / "o")
+    cfg = parse_args(flags(data, out, max_steps=3, async_save=background))
+    gate, write_data = threading.Event(), dcp.FileSystemWriter.write_data
+    if background:
+        monkeypatch.setattr(dcp.FileSystemWriter, "write_data", lambda *a, **k: gate.wait(60) and write_data(*a, **k))
+    info = D.init_distributed(background=background)
+    try:
+
+        def build():
+            model, _ = train.build_model(cfg, info)
+            optimizer, scheduler = build_optimizer(model, cfg.train, 3)
+            sampler = DistributedModalityLengthSampler([1] * 16, 2, 1, 0)
+            return model, optimizer, scheduler, Checkpointer(cfg, model, optimizer, scheduler, sampler, 16, None)
+
+        batch = _batch(data, cfg)
+        model, optimizer, scheduler, ckpt = build()
+        _step(model, optimizer, scheduler, batch)
+        saved = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        path = ckpt.save(1)
+        assert os.path.isfile(os.path.join(path, MARKER)) != background
+        _step(model, optimizer, scheduler, batch)
+        assert any(not torch.equal(v.full_tensor(), saved[k]) for k, v in model.state_dict().items())
+        gate.set()
+        ckpt.wait()
+        ckpt.close()
+        assert complete_checkpoints(out) == [(1, path)]
+        cfg.train.resume_from_checkpoint = path
+        model, optimizer, scheduler, ckpt = build()
+        assert ckpt.resume() == 1
+        for k, v in model.state_dict().items():
+            assert torch.equal(v.full_tensor(), saved[k]), k
     finally:
         D.cleanup(info)
