@@ -11,6 +11,13 @@ Every --save_steps, output_dir/checkpoint-N/ (each rank writes its own shards; t
 Atomic: all of it goes to checkpoint-N.tmp-XXXX, COMPLETE last, then one directory rename. Resume only takes
 checkpoint-N directories holding COMPLETE, so a kill at any moment leaves every earlier checkpoint usable.
 
+In the background (--async_save, the default): the step waits only while the state is copied into host buffers
+(DCP's DefaultStager: pinned on CUDA, allocated by the first save and reused); DCP writes that copy in its own
+thread, on a gloo group of its own (distributed.background_group), and rank 0 publishes the checkpoint (COMPLETE,
+rename, --save_total_limit) as the thread's last act. One save is in flight at a time; it is finished before the
+next save, at the end of training, on preemption, and after an error (close). The host buffers hold one copy of
+the trainable state and its optimizer state per rank; --async_save False writes before the step goes on instead.
+
 Files damaged after COMPLETE (a disk error, a copy cut short) are caught before anything is loaded: rank 0 checks
 that the JSON files parse, .metadata reads, every shard is as long as .metadata says and the RNG files load
 (checkpoint_problem), and tells the other ranks. `--resume_from_checkpoint auto` then falls back to the previous
