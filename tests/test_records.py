@@ -1,6 +1,7 @@
 """The records cache (data.load_records): the data file's records as one byte buffer + offsets and word counts,
 built once, giving exactly json.load's samples; JSON errors still name the file."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -8,6 +9,7 @@ import pickle
 import pytest
 
 import minillava.data as data
+from minillava import formats
 from minillava.data import WORDS_INVALID, load_records
 
 RECORDS = [
@@ -64,3 +66,17 @@ def test_bad_json_names_the_file_and_leaves_no_cache(tmp_path, text, message):
         load_records(str(path))
     root = os.path.join(os.environ["MINILLAVA_CACHE"], "records")
     assert not [n for n in os.listdir(root) if ".tmp-" in n]
+
+
+def test_the_data_hash_is_read_once_per_file_version(tmp_path, monkeypatch):
+    """run_manifest's data_sha256 is kept beside the records cache: a second start reads no data; an edited file
+    (new size or modification time) is hashed again."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(RECORDS))
+    first = formats.data_sha256(str(path))
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(formats, "file_sha256", lambda p: pytest.fail("hashed the data again"))
+    assert formats.data_sha256(str(path)) == first
+    monkeypatch.undo()
+    path.write_text(json.dumps(RECORDS[:2]))
+    assert formats.data_sha256(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest() != first
