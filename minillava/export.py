@@ -175,7 +175,7 @@ def merge_lora_output(
     else:
         generation = GenerationConfig(**{k: conf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     conf = {**conf, "dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype).removeprefix("torch.")}
-    save_stage2_folder(output, state.items(), conf, dtype, generation, tokenizer, base)
+    save_stage2_folder(output, state, conf, dtype, generation, tokenizer, base)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,11 +21,13 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
+import struct
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 
 import torch
@@ -284,6 +286,54 @@ def projector_state(projector_type: str, vision_config, llm_config, adapter: str
 def mm_projector_content(named: Iterable[tuple[str, Tensor]], dtype: torch.dtype) -> dict[str, Tensor]:
     """The mm_projector.bin dict from (our name, tensor) pairs: keys model.mm_projector.*, tensors in `dtype`."""
     return {to_llava_key(n): t.to(dtype) for n, t in named}
+
+
+# ---------------------------------------------------------------------------------------------- safetensors shards
+
+# safetensors' dtype names, listed in the order of its Dtype enum: save_file lays a file's tensors out by descending
+# enum order (so by descending alignment), then by name.
+SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32", torch.complex64: "C64",
+    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}  # fmt: skip
+_DTYPE_ORDER = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+
+
+def safetensors_header(tensors: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> tuple[bytes, dict[str, int]]:
+    """What safetensors.torch.save_file(..., metadata={"format": "pt"}) writes before the data of a file holding
+    `tensors` (key, dtype, shape), and the file offset where each key's bytes (row-major) go. Writing every tensor
+    there gives save_file's file byte for byte, in any order and without holding them all: the 8-byte little-endian
+    header length, then the compact JSON header (metadata first, tensors in layout order) padded with spaces to a
+    multiple of 8 bytes."""
+    layout = sorted(tensors, key=lambda t: (-_DTYPE_ORDER[t[1]], t[0]))
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    begin = 0
+    for key, dtype, shape in layout:
+        end = begin + math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+        begin = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    offsets = {key: start + info["data_offsets"][0] for key, info in header.items() if key != "__metadata__"}
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Split (key, bytes) pairs, in order, into shard files as transformers' shard_checkpoint (LLaVA's transformers
+    4.31 save_pretrained) does: a tensor that would overflow the current shard starts the next one, so a tensor
+    larger than max_shard_bytes fills a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, nbytes in sizes:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA folders

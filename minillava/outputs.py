@@ -1,12 +1,16 @@
 """Writing the final outputs (llava/train/train.py safe_save_model_for_hf_trainer) and the atomic file helpers
 checkpoints share. What goes into each file (names, contents, config.json) is minillava.formats'.
 
-Final outputs, gathered one tensor at a time and written by rank 0 through a staging directory:
+Final outputs, written by rank 0 through a staging directory:
 stage 1 -> output_dir/mm_projector.bin + config.json
 stage 2 -> output_dir as a LLaVA stage-2 folder: config.json, sharded safetensors + index, generation_config.json,
-           tokenizer files (also save_stage2_folder, from a state dict: minillava.export --merge_lora).
+           tokenizer files (also save_stage2_folder, from a state dict: minillava.export --merge_lora). The
+           weights stream: every rank sends its rows to rank 0 in buckets, already in the saved dtype
+           (gathered_tensors), and rank 0 writes each tensor into its planned file as the next bucket arrives
+           (write_shards), so no shard is ever held whole.
 LoRA    -> output_dir as LLaVA's LoRA run leaves it: config.json, adapter_config.json, adapter_model.safetensors,
            non_lora_trainables.bin (get_peft_state_maybe_zero_3 / get_peft_state_non_lora_maybe_zero_3).
+The projector and LoRA files are small: gathered one tensor at a time (full_tensors).
 Writes go to a temporary name (file or staging directory) and are renamed into place, so a kill never leaves
 a half-written output.
 
@@ -20,13 +24,16 @@ complete checkpoint, which the failed save left untouched; its partial files are
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from minillava.distributed import broadcast_object
 from minillava.formats import (
@@ -48,7 +55,9 @@ from minillava.formats import (
     lora_config,
     lora_content,
     mm_projector_content,
+    safetensors_header,
     shard_name,
+    shard_plan,
     to_llava_key,
 )
 from minillava.lora import is_lora_param, lora_targets
@@ -58,6 +67,7 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 MARKER = "COMPLETE"  # written last into a checkpoint (minillava/checkpoint.py)
 LOCK_NAME = ".minillava.lock"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+BUCKET_BYTES = 32 * 2**20  # the final save's transfers to rank 0: bench/final_save.py found 16-32 MiB fastest on CPU
 
 
 def rank0() -> bool:
@@ -261,45 +271,183 @@ def save_projector(model: nn.Module, path: str, dtype: torch.dtype) -> None:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _save_shards(model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
-    """Stream the full model into model-0000x-of-0000y.safetensors in `out` (rank 0 writes, every rank gathers).
-    Rank 0 holds at most one shard plus one gathered tensor. Returns the index on rank 0."""
-    tensors = full_tensors(model, device=None)
+def chunk_rows(n: int, world: int) -> list[int]:
+    """How many of n rows each of `world` ranks holds under DTensor's Shard(0), FSDP2's split (torch.chunk's):
+    ceil(n / world) each in rank order, so the last ranks may hold fewer or none."""
+    chunk = -(-n // world)
+    return [max(0, min(n, (r + 1) * chunk) - r * chunk) for r in range(world)]
+
+
+def gather_layout(shapes: list[Sequence[int]], world: int) -> list[int]:
+    """Where each rank's rows of each tensor go in rank 0's flat buffer for a bucket of row-split tensors of these
+    (global) shapes: rank after rank, each rank's rows of every tensor in order. begin[r * len(shapes) + i] is where
+    rank r's rows of tensor i start; the list ends with the total, so rank r's part is
+    [begin[r * len(shapes)], begin[(r + 1) * len(shapes)])."""
+    splits = [chunk_rows(shape[0], world) for shape in shapes]
+    sizes = (rows[r] * math.prod(shape[1:]) for r in range(world) for rows, shape in zip(splits, shapes, strict=True))
+    return list(itertools.accumulate(sizes, initial=0))
+
+
+def _row_split(value: DTensor) -> tuple[list[int], dist.ProcessGroup] | None:
+    """For a DTensor split by rows over one mesh dim and replicated over any other (FSDP2's Shard(0), HSDP's
+    (Replicate(), Shard(0))): the global ranks holding row chunks 0, 1, ... on the line of that dim through rank 0,
+    and the dim's process group. None for any other layout."""
+    split = [d for d, p in enumerate(value.placements) if not p.is_replicate()]
+    if len(split) != 1 or type(value.placements[split[0]]) is not Shard or value.placements[split[0]].dim != 0:
+        return None
+    mesh, dim = value.device_mesh, split[0]
+    lines = mesh.mesh.movedim(dim, -1).reshape(-1, mesh.size(dim)).tolist()
+    peers = next((line for line in lines if 0 in line), None)
+    return None if peers is None else (peers, mesh.get_group(dim))
+
+
+@dataclass
+class _Bucket:
+    """Consecutive state-dict entries moved to rank 0 together: row-split DTensors sharing one split (_row_split's),
+    one transfer per rank for them all; or a single entry of any other kind (split None)."""
+
+    items: list[tuple[str, torch.Tensor]]
+    split: tuple[list[int], dist.ProcessGroup] | None
+    nbytes: int
+
+
+def _buckets(state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: int) -> list[_Bucket]:
+    """The state dict, in order, cut into buckets of at most bucket_bytes in the saved dtype (a larger tensor
+    alone in its own). Every rank plans the same buckets from the sharded views: nothing is gathered yet."""
+    buckets: list[_Bucket] = []
+    for name, value in state.items():
+        split = _row_split(value) if isinstance(value, DTensor) else None
+        nbytes = value.numel() * dtype.itemsize
+        last = buckets[-1] if buckets else None
+        if split and last and last.split == split and last.nbytes + nbytes <= bucket_bytes:
+            last.items.append((name, value))
+            last.nbytes += nbytes
+        else:
+            buckets.append(_Bucket([(name, value)], split, nbytes))
+    return buckets
+
+
+def _start_rows(bucket: _Bucket, dtype: torch.dtype) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Start moving a bucket of row-split DTensors to rank 0; returns the iterator that finishes it. Each rank casts
+    its rows of every tensor into one flat buffer in `dtype` on its own device (the one the backend serves: the
+    DTensor's) and sends it; rank 0 receives every peer's part of one flat buffer (gather_layout) and copies its
+    own in. Point-to-point, not an all-gather: only rank 0 needs the bucket, and gloo's all-gather moved 0.2-0.6
+    GiB/s where its send/recv moved 3-4 (2 CPU ranks). Ranks off rank 0's line of the mesh (other HSDP replicas)
+    take no part."""
+    peers, group = bucket.split
+    if dist.get_rank() not in peers:
+        return iter(())
+    me, count = peers.index(dist.get_rank()), len(bucket.items)
+    local = [value.to_local() for _, value in bucket.items]
+    if [t.shape[0] for t in local] != [chunk_rows(v.shape[0], len(peers))[me] for _, v in bucket.items]:
+        raise RuntimeError("a Shard(0) DTensor's local rows are not torch.chunk's split")
+    begin = gather_layout([value.shape for _, value in bucket.items], len(peers))
+    lo, hi = begin[me * count], begin[(me + 1) * count]
+    flat = torch.empty(begin[-1] if rank0() else hi - lo, dtype=dtype, device=local[0].device)
+    own = flat[lo:hi] if rank0() else flat
+    for i, t in enumerate(local, start=me * count):  # copy_ casts as it copies: 3x faster than torch.cat(out=)
+        own[begin[i] - lo : begin[i + 1] - lo].copy_(t.reshape(-1))
     if not rank0():
-        for _ in tensors:  # the all-gathers rank 0 waits for
+        return _sent(dist.batch_isend_irecv([dist.P2POp(dist.isend, own, 0, group)]), flat)
+    ops = [dist.P2POp(dist.irecv, flat[begin[r * count] : begin[(r + 1) * count]], peer, group)
+           for r, peer in enumerate(peers) if r != me]  # fmt: skip
+    return _received(dist.batch_isend_irecv(ops) if ops else [], flat, [n for n, _ in bucket.items], begin)
+
+
+def _sent(works: list, buffer: torch.Tensor) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """A sender's end of _start_rows: wait for the transfer, holding the buffer sent until then; yields nothing."""
+    for work in works:
+        work.wait()
+    yield from ()
+
+
+def _received(
+    works: list, flat: torch.Tensor, names: list[str], begin: list[int]
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Rank 0's end of _start_rows: wait, copy the bucket to the host once (if it is on a GPU), then yield (name,
+    [each rank's rows of it, views of that buffer]): a row-major tensor's bytes are its row chunks' one after
+    another."""
+    for work in works:
+        work.wait()
+    flat = flat.cpu()
+    count = len(names)
+    for i, name in enumerate(names):
+        pieces = (flat[begin[j] : begin[j + 1]] for j in range(i, len(begin) - 1, count))
+        yield name, [p for p in pieces if p.numel()]
+
+
+def _start_whole(bucket: _Bucket, dtype: torch.dtype) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """_start_rows' counterpart for a single entry that is not row-split: rank 0 uses its own copy when it holds the
+    tensor whole (a plain tensor, a replicated DTensor), else every rank calls DTensor.full_tensor(). The iterator
+    yields (name, [the tensor in `dtype`, flat, on the CPU]) on rank 0."""
+    [(name, value)] = bucket.items
+    if isinstance(value, DTensor):
+        value = value.to_local() if all(p.is_replicate() for p in value.placements) else value.full_tensor()
+    return iter([(name, [value.to("cpu", dtype).contiguous().reshape(-1)])] if rank0() else [])
+
+
+def gathered_tensors(
+    state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: int = BUCKET_BYTES
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Yield, on rank 0, (name, pieces) for every entry of a sharded state dict (get_model_state_dict), in order:
+    its bytes in `dtype`, row-major, are those of the flat CPU tensors `pieces` one after another. Every rank must
+    iterate (the others yield nothing). One transfer per bucket (_buckets) and rank, and bucket k+1's is under way
+    while rank 0 consumes bucket k: rank 0 then holds two buckets (of which one on the host when they come from a
+    GPU). The consumer must drop an entry's pieces before asking for the next, or they keep their bucket alive."""
+    finish_previous: Iterator[tuple[str, list[torch.Tensor]]] = iter(())
+    for bucket in _buckets(state, dtype, bucket_bytes):
+        finish = (_start_rows if bucket.split else _start_whole)(bucket, dtype)  # this bucket's transfer starts
+        yield from finish_previous  # ... while rank 0 writes the previous one
+        finish_previous = finish
+    yield from finish_previous
+
+
+def save_shards(
+    model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes: int, bucket_bytes: int = BUCKET_BYTES
+) -> dict:
+    """Stream the full model into model-0000x-of-0000y.safetensors in `out`: every rank sends its shards in
+    buckets (gathered_tensors), rank 0 writes them as they come (write_shards). Returns the index on rank 0.
+    Collective: call on all ranks."""
+    state = get_model_state_dict(model)  # sharded views, nothing gathered yet
+    tensors = gathered_tensors(state, dtype, bucket_bytes)
+    if not rank0():
+        for _ in tensors:  # the transfers rank 0 waits for
             pass
         return {}
-    return write_shards(tensors, out, dtype, max_shard_bytes)
+    return write_shards(out, [(name, value.shape) for name, value in state.items()], dtype, max_shard_bytes, tensors)
 
 
-def write_shards(named: Iterable[tuple[str, torch.Tensor]], out: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
-    """(our name, tensor) pairs into model-0000x-of-0000y.safetensors in `out` with LLaVA keys, HF's rule: a tensor
-    that would overflow the current shard starts the next one. Returns the index (LLaVA key -> file, total bytes)."""
-    shards: list[list[str]] = []
-    buf: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal buf, size
-        save_file(buf, os.path.join(out, f"part-{len(shards)}"), metadata={"format": "pt"})
-        os.chmod(os.path.join(out, f"part-{len(shards)}"), 0o644)  # safetensors creates 0600 files
-        shards.append(list(buf))
-        buf, size = {}, 0
-
-    for name, t in named:
-        t = t.to("cpu", dtype).contiguous()  # one CPU copy, already in the saved dtype
-        if buf and size + t.nbytes > max_shard_bytes:
-            flush()
-        buf[to_llava_key(name)] = t
-        size += t.nbytes
-        total += t.nbytes
+def write_shards(
+    out: str,
+    shapes: list[tuple[str, Sequence[int]]],
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    tensors: Iterable[tuple[str, list[torch.Tensor]]],
+) -> dict:
+    """Write model-0000x-of-0000y.safetensors into `out`, with LLaVA keys, each file byte for byte as
+    safetensors' save_file writes it but without holding a shard: the split (formats.shard_plan) and each file's
+    header (formats.safetensors_header) come from `shapes` (our name, shape) alone; then each of `tensors` (our
+    name, pieces: flat tensors in `dtype` whose bytes one after another are the tensor's), in `shapes`' order, is
+    written at its offset as it comes. Files are 0644 (save_file's are 0600, which hid them from other users).
+    Returns the index (LLaVA key -> file, total bytes)."""
+    keys = {name: to_llava_key(name) for name, _ in shapes}
+    shape_of = {keys[name]: shape for name, shape in shapes}
+    sizes = [(key, math.prod(shape) * dtype.itemsize) for key, shape in shape_of.items()]
+    shards = shard_plan(sizes, max_shard_bytes)
+    tensors = iter(tensors)
     weight_map: dict[str, str] = {}
-    flush()
-    for i, keys in enumerate(shards):
-        final = shard_name(i, len(shards))
-        os.replace(os.path.join(out, f"part-{i}"), os.path.join(out, final))
-        weight_map.update(dict.fromkeys(keys, final))
-    return {"metadata": {"total_size": total}, "weight_map": weight_map}
+    for i, shard in enumerate(shards):
+        file = shard_name(i, len(shards))
+        header, offsets = safetensors_header((key, dtype, shape_of[key]) for key in shard)
+        with open(os.path.join(out, file), "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(header)
+            for name, pieces in itertools.islice(tensors, len(shard)):
+                f.seek(offsets[keys[name]])
+                f.writelines(p.view(torch.uint8).numpy() for p in pieces)  # the pieces' own bytes: no copy
+                del pieces  # so their bucket is freed while the next one arrives
+        weight_map.update(dict.fromkeys(shard, file))
+    return {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}
 
 
 def _publish(stage: str, out: str) -> None:
@@ -319,9 +467,9 @@ def _publish(stage: str, out: str) -> None:
 def save_final(
     model: nn.Module, cfg, tokenizer, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30, manifest=None
 ) -> None:
-    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, streamed shard by shard. Both with the
-    run's manifest.json (formats.run_manifest) when given. Everything is written into a staging directory inside
-    output_dir and renamed into place at the end, so a kill mid-save leaves no partial file in output_dir.
+    """Stage 1: mm_projector.bin + config.json. Stage 2: a full HF folder, its weights streamed (save_shards). Both
+    with the run's manifest.json (formats.run_manifest) when given. Everything is written into a staging directory
+    inside output_dir and renamed into place at the end, so a kill mid-save leaves no partial file in output_dir.
     Collective: call on all ranks."""
     out = cfg.train.output_dir
     stage = make_tmp_dir(out, ".final.tmp-")
@@ -332,7 +480,7 @@ def save_final(
         elif cfg.train.lora_enable:
             _save_lora(model, stage, cfg, dtype)
         else:
-            index = _save_shards(model, stage, dtype, max_shard_bytes)
+            index = save_shards(model, stage, dtype, max_shard_bytes)
         if rank0():
             if full:
                 llm = local_folder(cfg.model.model_name_or_path, "--model_name_or_path")
@@ -370,7 +518,7 @@ def _save_lora(model: nn.Module, stage: str, cfg, dtype: torch.dtype) -> None:
 
 def save_stage2_folder(
     out: str,
-    named: Iterable[tuple[str, torch.Tensor]],
+    state: dict[str, torch.Tensor],
     config: dict,
     dtype: torch.dtype,
     generation_config,
@@ -378,11 +526,13 @@ def save_stage2_folder(
     tokenizer_src: str,
     max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """A LLaVA stage-2 folder from (our name, full tensor) pairs, without a process group (minillava.export
-    --merge_lora); staged and renamed into place as save_final's."""
+    """A LLaVA stage-2 folder from full tensors (our names), without a process group (minillava.export
+    --merge_lora): the same shard writer as save_final's, one tensor cast at a time; staged and renamed into place
+    as save_final's."""
     os.makedirs(out, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".final.tmp-", dir=out)
-    index = write_shards(named, stage, dtype, max_shard_bytes)
+    tensors = ((name, [t.to("cpu", dtype).contiguous().reshape(-1)]) for name, t in state.items())
+    index = write_shards(stage, [(name, t.shape) for name, t in state.items()], dtype, max_shard_bytes, tensors)
     _stage2_extras(stage, index, generation_config, tokenizer, tokenizer_src)
     write_json(os.path.join(stage, "config.json"), config)
     _publish(stage, out)
