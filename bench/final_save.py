@@ -8,7 +8,7 @@ decoder layer and at the root, as minillava.distributed.apply_fsdp does. Then me
 repeat runs every variant once, in turn, after one warm-up round; medians reported):
   old:  the save before streaming, kept below as old_save_shards (reference only): per-tensor fp32
         DTensor.full_tensor() all-gathers, rank 0 casts and holds a whole shard, safetensors' save_file writes it;
-  new:  minillava.outputs.save_shards, at each --buckets size (MiB);
+  new:  minillava.outputs.save_shards, at each --buckets size (MiB): every rank casts and writes its own rows;
   save_pretrained: transformers' save_pretrained of the same weights, already bf16, in one process (rank 0 while
         rank 1 waits), with the same max_shard_size: the reference the ratios are to;
   save_pretrained from fp32: the same from an fp32 copy, cast to bf16 in the save (state_dict=...), for scale:
@@ -17,9 +17,10 @@ Each save writes the bf16 shards (and, for old/new, the index) into a fresh fold
 save's writeback competes. Time: rank 0's wall clock from a barrier to its last write. Memory: rank 0's peak resident
 memory during the save minus its resident memory before (Linux VmHWM, the high-water mark, reset first through
 /proc/self/clear_refs), so what the save itself allocates; malloc_trim first hands the memory earlier saves freed
-back to the system, so a save cannot reuse it unseen. On the CPU the transfer buffers are host memory, and they
-count: new holds two buckets while one is written and the next arrives (a bucket is --buckets MiB, or the largest
-tensor when that is larger: the 65.5 MB embeddings here), old a whole shard plus one fp32 tensor. Written files live
+back to the system, so a save cannot reuse it unseen. On the CPU the cast buffers are host memory, and they
+count: new holds two buckets of its own rows (one being written, the next being cast; a bucket is --buckets MiB, or
+the largest tensor when that is larger: the 65.5 MB embeddings, of which each rank holds half), old a whole shard
+plus one fp32 tensor. Both ranks write (they share a node), so nothing is transferred. Written files live
 in the page cache, not in the process, and do not count. Afterwards every new folder is compared byte for byte with
 old's.
 Prints one JSON line per measurement and a markdown table."""

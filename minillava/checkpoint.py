@@ -57,6 +57,7 @@ from minillava.outputs import (
     atomic_write,
     complete_checkpoints,
     discard_dir,
+    first_line,
     make_tmp_dir,
     rank0,
     read_json,
@@ -78,11 +79,6 @@ CRASH_HOOK = "MINILLAVA_TEST_CRASH_IN_SAVE"  # tests only: =N makes every rank o
 # ---------------------------------------------------------------------------------------------- resumable state
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
 def checkpoint_problem(path: str) -> str | None:
     """What is broken in the complete checkpoint `path`, naming the file, or None. Reads no tensor data."""
     for name, keys in ((STATE_NAME, STATE_KEYS), (CONFIG_NAME, ())):
@@ -90,13 +86,13 @@ def checkpoint_problem(path: str) -> str | None:
         try:
             content = read_json(file)
         except (OSError, ValueError) as e:  # missing, or torn JSON
-            return f"{file} is unreadable ({_first_line(e)})"
+            return f"{file} is unreadable ({first_line(e)})"
         if not isinstance(content, dict) or any(k not in content for k in keys):
             return f"{file} lacks some of {list(keys)}"
     try:
         metadata = dcp.FileSystemReader(path).read_metadata()
     except Exception as e:  # missing, or a torn pickle (any unpickling error)
-        return f"{os.path.join(path, '.metadata')} is unreadable ({_first_line(e)})"
+        return f"{os.path.join(path, '.metadata')} is unreadable ({first_line(e)})"
     needed: dict[str, int] = {}  # shard file -> the end of its last item
     for item in metadata.storage_data.values():
         needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
@@ -111,7 +107,7 @@ def checkpoint_problem(path: str) -> str | None:
         try:
             torch.load(file, weights_only=True)
         except Exception as e:
-            return f"{file} is unreadable ({_first_line(e)})"
+            return f"{file} is unreadable ({first_line(e)})"
     return None
 
 
@@ -296,7 +292,7 @@ class Checkpointer:
             try:
                 pending.result()
             except BaseException as e:
-                print(f"warning: a checkpoint was not saved: {_first_line(e)}")
+                print(f"warning: a checkpoint was not saved: {first_line(e)}")
         if self._stager is not None:
             self._stager.close()
             self._stager = None
@@ -335,7 +331,7 @@ class Checkpointer:
         except CheckpointException as e:  # every rank raises it (DCP gathers the failures)
             rank, (first, _) = next(iter(e.failures.items()))
             raise ValueError(
-                f"cannot resume from {path}: its DCP shards do not load (rank {rank}: {_first_line(first)}); "
+                f"cannot resume from {path}: its DCP shards do not load (rank {rank}: {first_line(first)}); "
                 "the checkpoint is damaged: pass an older one with --resume_from_checkpoint"
             ) from e
         self.scheduler.load_state_dict(state["scheduler"])

@@ -5,9 +5,10 @@ Final outputs, written by rank 0 through a staging directory:
 stage 1 -> output_dir/mm_projector.bin + config.json
 stage 2 -> output_dir as a LLaVA stage-2 folder: config.json, sharded safetensors + index, generation_config.json,
            tokenizer files (also save_stage2_folder, from a state dict: minillava.export --merge_lora). The
-           weights stream: every rank sends its rows to rank 0 in buckets, already in the saved dtype
-           (gathered_tensors), and rank 0 writes each tensor into its planned file as the next bucket arrives
-           (write_shards), so no shard is ever held whole.
+           weights stream: rank 0 creates the shard files with their headers (the layout follows from the shapes
+           alone), then every rank on its node casts its own rows to the saved dtype, bucket by bucket, and writes
+           them where they go in the files (tensor_pieces, write_pieces); ranks on other nodes send theirs to
+           one of those. Nothing is gathered on one node, and no rank holds more than two buckets of its rows.
 LoRA    -> output_dir as LLaVA's LoRA run leaves it: config.json, adapter_config.json, adapter_model.safetensors,
            non_lora_trainables.bin (get_peft_state_maybe_zero_3 / get_peft_state_non_lora_maybe_zero_3).
 The projector and LoRA files are small: gathered one tensor at a time (full_tensors).
@@ -303,17 +304,20 @@ def _row_split(value: DTensor) -> tuple[list[int], dist.ProcessGroup] | None:
 
 @dataclass
 class _Bucket:
-    """Consecutive state-dict entries moved to rank 0 together: row-split DTensors sharing one split (_row_split's),
-    one transfer per rank for them all; or a single entry of any other kind (split None)."""
+    """Consecutive state-dict entries handled together: row-split DTensors sharing one split (_row_split's), one
+    cast and at most one transfer per rank for them all; or a single entry of any other kind (split None). dest:
+    the writer that receives the parts of ranks that do not write (other nodes), or writes a whole entry."""
 
     items: list[tuple[str, torch.Tensor]]
     split: tuple[list[int], dist.ProcessGroup] | None
     nbytes: int
+    dest: int
 
 
-def _buckets(state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: int) -> list[_Bucket]:
+def _buckets(state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: int, writers: list[int]) -> list:
     """The state dict, in order, cut into buckets of at most bucket_bytes in the saved dtype (a larger tensor
-    alone in its own). Every rank plans the same buckets from the sharded views: nothing is gathered yet."""
+    alone in its own), dealt to the writers in turn as dest. Every rank plans the same buckets from the sharded
+    views: nothing is gathered yet."""
     buckets: list[_Bucket] = []
     for name, value in state.items():
         split = _row_split(value) if isinstance(value, DTensor) else None
@@ -323,133 +327,229 @@ def _buckets(state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: i
             last.items.append((name, value))
             last.nbytes += nbytes
         else:
-            buckets.append(_Bucket([(name, value)], split, nbytes))
+            buckets.append(_Bucket([(name, value)], split, nbytes, writers[len(buckets) % len(writers)]))
     return buckets
 
 
-def _start_rows(bucket: _Bucket, dtype: torch.dtype) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """Start moving a bucket of row-split DTensors to rank 0; returns the iterator that finishes it. Each rank casts
-    its rows of every tensor into one flat buffer in `dtype` on its own device (the one the backend serves: the
-    DTensor's) and sends it; rank 0 receives every peer's part of one flat buffer (gather_layout) and copies its
-    own in. Point-to-point, not an all-gather: only rank 0 needs the bucket, and gloo's all-gather moved 0.2-0.6
-    GiB/s where its send/recv moved 3-4 (2 CPU ranks). Ranks off rank 0's line of the mesh (other HSDP replicas)
-    take no part."""
+class _Slots:
+    """The two buffers tensor_pieces alternates between (the bucket being written, the next one being cast and
+    received), kept across buckets: a fresh 32 MiB allocation per bucket is a fresh mmap whose page faults cost
+    more CPU time than the cast. slot(k, n, ...) is buffer k % 2, grown to n elements when smaller."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def slot(self, k: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (k % 2, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+Pieces = list[tuple[int, torch.Tensor]]  # (byte offset in the tensor's row-major bytes, flat CPU tensor)
+
+
+def _start_rows(bucket: _Bucket, dtype: torch.dtype, k: int, slots: _Slots, writers: list[int]) -> Iterator:
+    """Start a bucket of row-split DTensors; returns the iterator that finishes it, yielding (name, pieces) for the
+    rows this rank writes. Each rank casts its rows of every tensor into one flat buffer in `dtype` on its own
+    device (the one the backend serves: the DTensor's). A writer writes its own rows where they go in the file, so
+    on one node nothing travels; a rank that does not write (on another node) sends its part to the bucket's dest,
+    which writes it too. Point-to-point, not an all-gather: gloo's all-gather moved 0.2-0.6 GiB/s where its
+    send/recv moved 3-4 (2 CPU ranks). Ranks off rank 0's line of the mesh (other HSDP replicas) take no part."""
     peers, group = bucket.split
-    if dist.get_rank() not in peers:
+    rank = dist.get_rank()
+    if rank not in peers:
         return iter(())
-    me, count = peers.index(dist.get_rank()), len(bucket.items)
+    me, count = peers.index(rank), len(bucket.items)
     local = [value.to_local() for _, value in bucket.items]
     if [t.shape[0] for t in local] != [chunk_rows(v.shape[0], len(peers))[me] for _, v in bucket.items]:
         raise RuntimeError("a Shard(0) DTensor's local rows are not torch.chunk's split")
     begin = gather_layout([value.shape for _, value in bucket.items], len(peers))
-    lo, hi = begin[me * count], begin[(me + 1) * count]
-    flat = torch.empty(begin[-1] if rank0() else hi - lo, dtype=dtype, device=local[0].device)
-    own = flat[lo:hi] if rank0() else flat
+    part = lambda r: (begin[r * count], begin[(r + 1) * count])  # noqa: E731 (rank r's part of the layout)
+    mine = [me] + ([r for r, p in enumerate(peers) if p not in writers] if rank == bucket.dest else [])
+    held = [part(r) for r in mine]  # the parts this rank will hold, one after another in its buffer
+    flat = slots.slot(k, sum(hi - lo for lo, hi in held), dtype, local[0].device)
+    lo = begin[me * count]
     for i, t in enumerate(local, start=me * count):  # copy_ casts as it copies: 3x faster than torch.cat(out=)
-        own[begin[i] - lo : begin[i + 1] - lo].copy_(t.reshape(-1))
-    if not rank0():
-        return _sent(dist.batch_isend_irecv([dist.P2POp(dist.isend, own, 0, group)]), flat)
-    ops = [dist.P2POp(dist.irecv, flat[begin[r * count] : begin[(r + 1) * count]], peer, group)
-           for r, peer in enumerate(peers) if r != me]  # fmt: skip
-    return _received(dist.batch_isend_irecv(ops) if ops else [], flat, [n for n, _ in bucket.items], begin)
+        flat[begin[i] - lo : begin[i + 1] - lo].copy_(t.reshape(-1))
+    if rank not in writers:
+        return _sent(dist.batch_isend_irecv([dist.P2POp(dist.isend, flat, bucket.dest, group)]), flat)
+    ops, at = [], held[0][1] - held[0][0]
+    for (lo, hi), r in zip(held[1:], mine[1:], strict=True):
+        ops.append(dist.P2POp(dist.irecv, flat[at : at + hi - lo], peers[r], group))
+        at += hi - lo
+    works = dist.batch_isend_irecv(ops) if ops else []
+    host = flat if flat.device.type == "cpu" else slots.slot(k, flat.numel(), dtype, torch.device("cpu"))
+    return _received(works, flat, host, bucket, mine, begin)
 
 
-def _sent(works: list, buffer: torch.Tensor) -> Iterator[tuple[str, list[torch.Tensor]]]:
+def _sent(works: list, buffer: torch.Tensor) -> Iterator:
     """A sender's end of _start_rows: wait for the transfer, holding the buffer sent until then; yields nothing."""
     for work in works:
         work.wait()
     yield from ()
 
 
-def _received(
-    works: list, flat: torch.Tensor, names: list[str], begin: list[int]
-) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """Rank 0's end of _start_rows: wait, copy the bucket to the host once (if it is on a GPU), then yield (name,
-    [each rank's rows of it, views of that buffer]): a row-major tensor's bytes are its row chunks' one after
-    another."""
+def _received(works: list, flat: torch.Tensor, host: torch.Tensor, bucket: _Bucket, mine: list[int], begin) -> Iterator:
+    """A writer's end of _start_rows: wait for the parts it receives, copy the buffer to the host buffer `host` once
+    (if it is on a GPU), then yield (name, pieces): the rows of each tensor that it holds, each at its byte offset
+    in the tensor (the row chunks of a row-major tensor lie one after another, rank after rank)."""
     for work in works:
         work.wait()
-    flat = flat.cpu()
-    count = len(names)
-    for i, name in enumerate(names):
-        pieces = (flat[begin[j] : begin[j + 1]] for j in range(i, len(begin) - 1, count))
-        yield name, [p for p in pieces if p.numel()]
+    flat = host.copy_(flat) if host is not flat else flat
+    count, peers = len(bucket.items), len(bucket.split[0])
+    starts, at = {}, 0  # where rank r's part starts in flat
+    for r in mine:
+        starts[r], at = at, at + begin[(r + 1) * count] - begin[r * count]
+    for i, (name, value) in enumerate(bucket.items):
+        row_bytes = math.prod(value.shape[1:]) * flat.element_size()
+        offsets = list(itertools.accumulate(chunk_rows(value.shape[0], peers), initial=0))
+        pieces = []
+        for r in mine:
+            a, b = begin[r * count + i] - begin[r * count], begin[r * count + i + 1] - begin[r * count]
+            if b > a:
+                pieces.append((offsets[r] * row_bytes, flat[starts[r] + a : starts[r] + b]))
+        yield name, pieces
 
 
-def _start_whole(bucket: _Bucket, dtype: torch.dtype) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """_start_rows' counterpart for a single entry that is not row-split: rank 0 uses its own copy when it holds the
-    tensor whole (a plain tensor, a replicated DTensor), else every rank calls DTensor.full_tensor(). The iterator
-    yields (name, [the tensor in `dtype`, flat, on the CPU]) on rank 0."""
+def _start_whole(bucket: _Bucket, dtype: torch.dtype) -> Iterator:
+    """_start_rows' counterpart for a single entry that is not row-split: dest writes it, from its own copy when it
+    holds the tensor whole (a plain tensor, a replicated DTensor), else after every rank's DTensor.full_tensor()."""
     [(name, value)] = bucket.items
     if isinstance(value, DTensor):
         value = value.to_local() if all(p.is_replicate() for p in value.placements) else value.full_tensor()
-    return iter([(name, [value.to("cpu", dtype).contiguous().reshape(-1)])] if rank0() else [])
+    mine = dist.get_rank() == bucket.dest
+    return iter([(name, [(0, value.to("cpu", dtype).contiguous().reshape(-1))])] if mine else [])
 
 
-def gathered_tensors(
-    state: dict[str, torch.Tensor], dtype: torch.dtype, bucket_bytes: int = BUCKET_BYTES
-) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """Yield, on rank 0, (name, pieces) for every entry of a sharded state dict (get_model_state_dict), in order:
-    its bytes in `dtype`, row-major, are those of the flat CPU tensors `pieces` one after another. Every rank must
-    iterate (the others yield nothing). One transfer per bucket (_buckets) and rank, and bucket k+1's is under way
-    while rank 0 consumes bucket k: rank 0 then holds two buckets (of which one on the host when they come from a
-    GPU). The consumer must drop an entry's pieces before asking for the next, or they keep their bucket alive."""
-    finish_previous: Iterator[tuple[str, list[torch.Tensor]]] = iter(())
-    for bucket in _buckets(state, dtype, bucket_bytes):
-        finish = (_start_rows if bucket.split else _start_whole)(bucket, dtype)  # this bucket's transfer starts
-        yield from finish_previous  # ... while rank 0 writes the previous one
+def tensor_pieces(
+    state: dict[str, torch.Tensor], dtype: torch.dtype, writers: list[int], bucket_bytes: int = BUCKET_BYTES
+) -> Iterator[tuple[str, Pieces]]:
+    """Yield (name, pieces) for what this rank writes of a sharded state dict (get_model_state_dict), in order:
+    pieces are (byte offset, flat CPU tensor) parts of the entry's row-major bytes in `dtype`. Together the
+    writers' pieces cover every entry once. Every rank must iterate to the end. Bucket k+1 is cast and received
+    while bucket k is written: a writer holds two buckets of its own rows (plus what other nodes send it). The
+    pieces are views of buffers that later buckets reuse: write an entry's pieces before asking for the next."""
+    finish_previous: Iterator = iter(())
+    slots = _Slots()  # bucket k's buffers are reused by bucket k + 2, which starts once k is written
+    for k, bucket in enumerate(_buckets(state, dtype, bucket_bytes, writers)):
+        # this bucket's cast and transfer start
+        finish = _start_rows(bucket, dtype, k, slots, writers) if bucket.split else _start_whole(bucket, dtype)
+        yield from finish_previous  # ... while the previous one is written
         finish_previous = finish
     yield from finish_previous
+
+
+def _writers(state: dict[str, torch.Tensor]) -> list[int]:
+    """The ranks that write the final shard files: those on rank 0's node (torchrun numbers them 0 ..
+    LOCAL_WORLD_SIZE - 1), which share its page cache, so writes into one file from several of them are safe;
+    among them, those holding rows of every row-split tensor (all of them, for FSDP2 and HSDP meshes)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    peers = [split[0] for v in state.values() if isinstance(v, DTensor) and (split := _row_split(v))]
+    return [r for r in range(min(local, dist.get_world_size())) if r == 0 or all(r in p for p in peers)]
 
 
 def save_shards(
     model: nn.Module, out: str, dtype: torch.dtype, max_shard_bytes: int, bucket_bytes: int = BUCKET_BYTES
 ) -> dict:
-    """Stream the full model into model-0000x-of-0000y.safetensors in `out`: every rank sends its shards in
-    buckets (gathered_tensors), rank 0 writes them as they come (write_shards). Returns the index on rank 0.
-    Collective: call on all ranks."""
+    """Stream the full model into model-0000x-of-0000y.safetensors in `out`: rank 0 creates the files (header,
+    full length), then every writer rank (_writers) casts its own rows in buckets and writes them where they go
+    (tensor_pieces, write_pieces), in parallel and with no transfer on one node; ranks on other nodes send theirs
+    to a writer. A failed write (a full disk) is raised on every rank, after every transfer is done. Returns the
+    index on rank 0. Collective: call on all ranks."""
     state = get_model_state_dict(model)  # sharded views, nothing gathered yet
-    tensors = gathered_tensors(state, dtype, bucket_bytes)
-    if not rank0():
-        for _ in tensors:  # the transfers rank 0 waits for
-            pass
-        return {}
-    return write_shards(out, [(name, value.shape) for name, value in state.items()], dtype, max_shard_bytes, tensors)
+    shapes = [(name, value.shape) for name, value in state.items()]
+    writers, rank = _writers(state), dist.get_rank()
+    index, error = {}, None
+    try:
+        if rank == 0:
+            index = create_shards(out, shapes, dtype, max_shard_bytes)
+    except Exception as e:
+        error = e
+    error = _shared_failure(error)  # also the barrier: the files exist before anyone writes into them
+    pieces = tensor_pieces(state, dtype, writers, bucket_bytes)
+    try:
+        if error is None and rank in writers:
+            write_pieces(out, shapes, dtype, max_shard_bytes, pieces)
+    except Exception as e:
+        error = e
+    for _ in pieces:  # after a failed write: the transfers other ranks still wait for
+        pass
+    _shared_failure(error)
+    return index
 
 
-def write_shards(
+def _shared_failure(error: Exception | None) -> None:
+    """Collective: raise this rank's error, else the first other rank's (an OSError keeps its errno, so a full disk
+    reads the same everywhere), else return None."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else (getattr(error, "errno", None), first_line(error)))
+    if error is not None:
+        raise error
+    if failure := next((f for f in failures if f is not None), None):
+        code, what = failure
+        raise OSError(code, f"another rank's write failed: {what}") if code else RuntimeError(what)
+
+
+def first_line(e: BaseException) -> str:
+    """An error as one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _shard_layout(shapes: list[tuple[str, Sequence[int]]], dtype: torch.dtype, max_shard_bytes: int) -> list:
+    """Each shard file's (file name, header bytes, our name -> file offset of its data, data bytes), in order: the
+    split is formats.shard_plan's, each header formats.safetensors_header's, from the shapes alone."""
+    sizes = {name: math.prod(shape) * dtype.itemsize for name, shape in shapes}
+    shape_of = dict(shapes)
+    files = shard_plan(sizes.items(), max_shard_bytes)
+    layout = []
+    for i, names in enumerate(files):
+        header, offsets = safetensors_header((to_llava_key(n), dtype, shape_of[n]) for n in names)
+        at = {n: offsets[to_llava_key(n)] for n in names}
+        layout.append((shard_name(i, len(files)), header, at, sum(sizes[n] for n in names)))
+    return layout
+
+
+def create_shards(out: str, shapes: list[tuple[str, Sequence[int]]], dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    """Create model-0000x-of-0000y.safetensors in `out` at their full length, each with its header (the data is
+    written by write_pieces), as safetensors' save_file would lay them out. Files are 0644 (save_file's are 0600,
+    which hid them from other users). Returns the index (LLaVA key -> file, total bytes)."""
+    weight_map: dict[str, str] = {}
+    for file, header, at, nbytes in _shard_layout(shapes, dtype, max_shard_bytes):
+        with open(os.path.join(out, file), "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(header)
+            f.truncate(len(header) + nbytes)
+        weight_map.update({to_llava_key(n): file for n in at})
+    total = sum(math.prod(shape) * dtype.itemsize for _, shape in shapes)
+    return {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
+def write_pieces(
     out: str,
     shapes: list[tuple[str, Sequence[int]]],
     dtype: torch.dtype,
     max_shard_bytes: int,
-    tensors: Iterable[tuple[str, list[torch.Tensor]]],
-) -> dict:
-    """Write model-0000x-of-0000y.safetensors into `out`, with LLaVA keys, each file byte for byte as
-    safetensors' save_file writes it but without holding a shard: the split (formats.shard_plan) and each file's
-    header (formats.safetensors_header) come from `shapes` (our name, shape) alone; then each of `tensors` (our
-    name, pieces: flat tensors in `dtype` whose bytes one after another are the tensor's), in `shapes`' order, is
-    written at its offset as it comes. Files are 0644 (save_file's are 0600, which hid them from other users).
-    Returns the index (LLaVA key -> file, total bytes)."""
-    keys = {name: to_llava_key(name) for name, _ in shapes}
-    shape_of = {keys[name]: shape for name, shape in shapes}
-    sizes = [(key, math.prod(shape) * dtype.itemsize) for key, shape in shape_of.items()]
-    shards = shard_plan(sizes, max_shard_bytes)
-    tensors = iter(tensors)
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards):
-        file = shard_name(i, len(shards))
-        header, offsets = safetensors_header((key, dtype, shape_of[key]) for key in shard)
-        with open(os.path.join(out, file), "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(header)
-            for name, pieces in itertools.islice(tensors, len(shard)):
-                f.seek(offsets[keys[name]])
-                f.writelines(p.view(torch.uint8).numpy() for p in pieces)  # the pieces' own bytes: no copy
-                del pieces  # so their bucket is freed while the next one arrives
-        weight_map.update(dict.fromkeys(shard, file))
-    return {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}
-
-
+    pieces: Iterable[tuple[str, Pieces]],
+) -> None:
+    """Write (name, pieces) into the shard files create_shards made: each piece's bytes at its tensor's offset in
+    its file plus the piece's own offset, straight from the tensor's memory (no copy). Together the files become
+    byte for byte what save_file writes."""
+    where = {n: (file, at[n]) for file, _, at, _ in _shard_layout(shapes, dtype, max_shard_bytes) for n in at}
+    with contextlib.ExitStack() as stack:
+        fds: dict[str, int] = {}
+        for name, parts in pieces:
+            file, base = where[name]
+            if file not in fds:
+                fds[file] = os.open(os.path.join(out, file), os.O_WRONLY)
+                stack.callback(os.close, fds[file])
+            for offset, piece in parts:
+                data, at = memoryview(piece.view(torch.uint8).numpy()), base + offset
+                while data:  # os.pwrite may write less than asked (at most about 2 GiB at a time)
+                    n = os.pwrite(fds[file], data, at)
+                    data, at = data[n:], at + n
 def _publish(stage: str, out: str) -> None:
     """Move the staged files into `out`, index and config.json last; remove shards of an earlier save that the new
     index does not list. Every file was complete before its rename."""
@@ -531,8 +631,10 @@ def save_stage2_folder(
     as save_final's."""
     os.makedirs(out, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".final.tmp-", dir=out)
-    tensors = ((name, [t.to("cpu", dtype).contiguous().reshape(-1)]) for name, t in state.items())
-    index = write_shards(stage, [(name, t.shape) for name, t in state.items()], dtype, max_shard_bytes, tensors)
+    shapes = [(name, t.shape) for name, t in state.items()]
+    index = create_shards(stage, shapes, dtype, max_shard_bytes)
+    pieces = ((name, [(0, t.to("cpu", dtype).contiguous().reshape(-1))]) for name, t in state.items())
+    write_pieces(stage, shapes, dtype, max_shard_bytes, pieces)
     _stage2_extras(stage, index, generation_config, tokenizer, tokenizer_src)
     write_json(os.path.join(stage, "config.json"), config)
     _publish(stage, out)

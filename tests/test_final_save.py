@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from minillava.formats import SAFETENSORS_DTYPES, safetensors_header, shard_name, to_llava_key
-from minillava.outputs import _buckets, chunk_rows, gather_layout, gathered_tensors, save_shards
+from minillava.outputs import _buckets, chunk_rows, gather_layout, save_shards, tensor_pieces
 
 
 def _random(shape, dtype, gen):
@@ -104,7 +104,7 @@ def _reference(state: dict[str, torch.Tensor], out: str, dtype: torch.dtype) -> 
 
 def _save_sharded(rank, world, out, local):
     """FSDP2 per layer and at the root (HSDP when local < world), then save_shards in bf16 and fp32 with tiny
-    buckets; rank 0 writes the index. A hand-made state dict covers the other layouts gathered_tensors meets."""
+    buckets; rank 0 writes the index. A hand-made state dict covers the other layouts tensor_pieces meets."""
     model = _model()
     mesh = None if local == world else init_device_mesh("cpu", (world // local, local), mesh_dim_names=("r", "s"))
     for layer in model.llm.model:
@@ -118,17 +118,26 @@ def _save_sharded(rank, world, out, local):
             with open(os.path.join(folder, "index.json"), "w") as f:
                 json.dump(index, f)
     if rank == 0:
-        sizes = [len(b.items) for b in _buckets(get_model_state_dict(model), torch.bfloat16, BUCKET_BYTES)]
+        state = get_model_state_dict(model)
+        sizes = [len(b.items) for b in _buckets(state, torch.bfloat16, BUCKET_BYTES, [0])]
         torch.save(sizes, os.path.join(out, "buckets.pt"))
     mesh = init_device_mesh("cpu", (world,))
     full = torch.arange(30.0).reshape(5, 6)
     layouts = {"shard1": [Shard(1)], "replicated": [Replicate()], "shard0": [Shard(0)]}
     state = {name: distribute_tensor(full, mesh, placements) for name, placements in layouts.items()}
     state = {"plain": full, **state}
-    got = {name: torch.cat(pieces) for name, pieces in gathered_tensors(state, torch.bfloat16, BUCKET_BYTES)}
-    if rank == 0:
-        assert list(got) == list(state)
-        assert all(torch.equal(t, full.to(torch.bfloat16).reshape(-1)) for t in got.values())
+    for writers in ([0], list(range(world))):  # rank 0 alone (others as if on other nodes), or every rank
+        mine = [(name, offset, piece.clone()) for name, parts in tensor_pieces(state, torch.bfloat16, writers, 16)
+                for offset, piece in parts]  # fmt: skip
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        if rank == 0:
+            got = {name: torch.zeros(30, dtype=torch.bfloat16) for name in state}
+            for name, offset, piece in (x for ranks in every for x in ranks):
+                got[name].view(torch.uint8)[offset : offset + piece.numel() * 2] = piece.view(torch.uint8)
+            want = full.to(torch.bfloat16).reshape(-1)
+            assert all(torch.equal(t, want) for t in got.values()), got
+            assert sum(p.numel() for ranks in every for _, _, p in ranks) == 30 * len(state)  # each byte once
     dist.barrier()
 
 
