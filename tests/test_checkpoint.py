@@ -374,6 +374,14 @@ def _step(model, optimizer, scheduler, batch, drop=None):
     optimizer.zero_grad(set_to_none=True)
 
 
+def _build(cfg, info):
+    """The model, optimizer, scheduler and Checkpointer of a 3-step run on 16 samples, as train.main makes them."""
+    model, _ = train.build_model(cfg, info)
+    optimizer, scheduler = build_optimizer(model, cfg.train, 3)
+    sampler = DistributedModalityLengthSampler([1] * 16, 2, 1, 0)
+    return model, optimizer, scheduler, Checkpointer(cfg, model, optimizer, scheduler, sampler, 16, None)
+
+
 def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
     """checkpoint-0: saved before any optimizer step; checkpoint-1: one param never had a gradient. Both resume to
     the same weights as the uninterrupted run (no placeholder AdamW state, whose step count would differ)."""
@@ -381,15 +389,8 @@ def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
     cfg = parse_args(flags(data, out, max_steps=3, save_total_limit=5))
     info = D.init_distributed()
     try:
-
-        def build():
-            model, _ = train.build_model(cfg, info)
-            optimizer, scheduler = build_optimizer(model, cfg.train, 3)
-            sampler = DistributedModalityLengthSampler([1] * 16, 2, 1, 0)
-            return model, optimizer, scheduler, Checkpointer(cfg, model, optimizer, scheduler, sampler, 16, None)
-
         batch = _batch(data, cfg)
-        model, optimizer, scheduler, ckpt = build()
+        model, optimizer, scheduler, ckpt = _build(cfg, info)
         ckpt.save(0)
         assert not optimizer.state  # saving did not create (step-count-changing) state
         _step(model, optimizer, scheduler, batch, drop=unused)
@@ -399,7 +400,7 @@ def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
         expected = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
         for start in (0, 1):
             cfg.train.resume_from_checkpoint = os.path.join(out, f"checkpoint-{start}")
-            model, optimizer, scheduler, ckpt = build()
+            model, optimizer, scheduler, ckpt = _build(cfg, info)
             assert ckpt.resume() == start
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             has_state = {n for n, p in model.named_parameters() if p in optimizer.state}
@@ -424,15 +425,8 @@ def test_a_save_is_written_while_training_goes_on(data, tmp_path, monkeypatch, b
         monkeypatch.setattr(dcp.FileSystemWriter, "write_data", lambda *a, **k: gate.wait(60) and write_data(*a, **k))
     info = D.init_distributed(background=background)
     try:
-
-        def build():
-            model, _ = train.build_model(cfg, info)
-            optimizer, scheduler = build_optimizer(model, cfg.train, 3)
-            sampler = DistributedModalityLengthSampler([1] * 16, 2, 1, 0)
-            return model, optimizer, scheduler, Checkpointer(cfg, model, optimizer, scheduler, sampler, 16, None)
-
         batch = _batch(data, cfg)
-        model, optimizer, scheduler, ckpt = build()
+        model, optimizer, scheduler, ckpt = _build(cfg, info)
         _step(model, optimizer, scheduler, batch)
         saved = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
         path = ckpt.save(1)
@@ -444,7 +438,7 @@ def test_a_save_is_written_while_training_goes_on(data, tmp_path, monkeypatch, b
         ckpt.close()
         assert complete_checkpoints(out) == [(1, path)]
         cfg.train.resume_from_checkpoint = path
-        model, optimizer, scheduler, ckpt = build()
+        model, optimizer, scheduler, ckpt = _build(cfg, info)
         assert ckpt.resume() == 1
         for k, v in model.state_dict().items():
             assert torch.equal(v.full_tensor(), saved[k]), k
