@@ -4,12 +4,14 @@
 
 The state is a stage-2-like trainable state of --gb GB in all: fp32 weights of Linear(4096, 4096) layers, each
 layer FSDP2-sharded over the 2 ranks, plus AdamW's two moments (12 bytes per parameter), made by one real step.
-Each repeat, in this order, on every rank (the figure is the slowest rank's; medians over the repeats):
+First, as train.py does after step 1, the background Checkpointer allocates the stager's host buffers (once per
+run; reported on its own). Then each repeat, in this order, on every rank (the slowest rank's figure; medians over
+the repeats after a warm-up one):
   blocking dcp.save       minillava.checkpoint.Checkpointer with --async_save False (what a save cost before):
                           training stops for the whole save, COMPLETE and rename included
   async: step blocked     Checkpointer.save with --async_save True (the default) until it returns: the copy of
-                          the state into the stager's host buffers (reused from the second save on) and the small
-                          files; then the write runs in DCP's thread
+                          the state into the stager's host buffers and the small files; then the write runs in
+                          DCP's thread
   async: until published  from save() until wait() returns: the checkpoint is complete and renamed
   reference: host copy    copy_ of every local tensor into preallocated host buffers, the floor of any staging
                           (on a GPU this is the device-to-host copy)
@@ -59,7 +61,8 @@ def build_state(gb: float):
 def checkpointer(model, optimizer, scheduler, out: str, background: bool) -> Checkpointer:
     unused = ("model_name_or_path", "vision_tower", "data_path", "image_folder")  # required flags, never read here
     paths = [x for flag in unused for x in (f"--{flag}", "-")]
-    flags = ["--stage", "2", *paths, "--output_dir", out, "--save_total_limit", "1", "--async_save", str(background)]
+    flags = ["--stage", "2", *paths, "--output_dir", out, "--save_steps", "2", "--save_total_limit", "1",
+             "--async_save", str(background)]  # fmt: skip
     sampler = SimpleNamespace(steps_per_epoch=1000)
     return Checkpointer(parse_args(flags), model, optimizer, scheduler, sampler, 1000, torch.bfloat16)
 
@@ -99,14 +102,16 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     def record(name: str, seconds: float) -> None:
         rows.setdefault(name, []).append(seconds)
 
-    for r in range(args.repeats + 1):  # repeat 0: the first async save, which allocates the stager's buffers
-        step = r + 1
-        record("blocking dcp.save", timed(lambda step=step: blocking.save(step)))
+    # As train.py after step 1: the stager's host buffers are allocated (and pinned on CUDA) once per run, here.
+    record("async: host buffers allocated (once per run, after step 1)", timed(lambda: background.save_if_due(1)))
+    for r in range(args.repeats + 1):  # repeat 0: a warm-up (first writes of each file), not reported
+        step = 2 * (r + 1)  # a step every save is due at (--save_steps 2), so save_if_due saves
+        record("blocking dcp.save", timed(lambda step=step: blocking.save_if_due(step)))
         t0 = time.perf_counter()
-        background.save(step)
-        record("async: step blocked" + (" (first save)" if r == 0 else ""), slowest(time.perf_counter() - t0))
+        background.save_if_due(step)
+        record("async: step blocked", slowest(time.perf_counter() - t0))
         background.wait()
-        record("async: until published" + (" (first save)" if r == 0 else ""), slowest(time.perf_counter() - t0))
+        record("async: until published", slowest(time.perf_counter() - t0))
         record("reference: host copy", timed(lambda: [b.copy_(t) for b, t in zip(buffers, tensors, strict=True)]))
         path = os.path.join(args.out, "torch_save", f"rank{rank}.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -123,7 +128,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     if rank == 0:
         table = []
         for name, values in rows.items():
-            values = values[1:] if len(values) > args.repeats else values  # repeat 0 is a warm-up but for "first"
+            values = values[1:] if len(values) > args.repeats else values  # repeat 0 is a warm-up
             row = {"measurement": name, "seconds": round(statistics.median(values), 3),
                    "repeats": [round(v, 3) for v in values], "state_gb": round(total_gb, 2), "ranks": 2,
                    "layers": layers}  # fmt: skip

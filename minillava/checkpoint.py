@@ -193,7 +193,7 @@ class Checkpointer:
             "dataset_length": dataset_length,
         }
         self._pending: Future | None = None  # the save in flight: its path once published
-        self._stager = None  # --async_save: DCP's host buffers, kept and reused by every save
+        self._stager, self._staged = None, False  # --async_save: DCP's host buffers, kept and reused by every save
         if t.async_save:
             self._stager = DefaultStager(StagingOptions(
                 use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False, use_async_staging=False,
@@ -203,9 +203,15 @@ class Checkpointer:
         """After each step: publish a finished background save (poll), then start checkpoint-<step> if --save_steps
         makes it due; returns its path, or None when none was due."""
         self.poll()
-        if self.cfg.train.save_steps > 0 and step % self.cfg.train.save_steps == 0:
-            return self.save(step)
-        return None
+        if self.cfg.train.save_steps <= 0:
+            return None
+        if self._stager is not None and not self._staged:
+            # After the first step (AdamW's state exists from then on): allocate (and pin) the host buffers every
+            # save reuses now, so a host that cannot hold them fails here rather than at the first save, hours in,
+            # and that save stops training no longer than the later ones.
+            self._stager.stage(self._state())
+            self._staged = True
+        return self.save(step) if step % self.cfg.train.save_steps == 0 else None
 
     def save(self, step: int) -> str:
         """Start checkpoint-<step> (collective) and return its path. It returns once the state is copied to host
@@ -219,8 +225,7 @@ class Checkpointer:
         final = os.path.join(t.output_dir, f"checkpoint-{step}")
         with removed_on_error(tmp, final, t.output_dir):
             self._write_small_files(step, tmp)  # first: rank 0 publishes once every rank's DCP write is done
-            state = {"model": get_model_state_dict(self.model, options=TRAINABLE)}
-            state["optimizer"] = _optimizer_state(self.model, self.optimizer)
+            state = self._state()
             if self._stager is not None:  # copy to the stager's buffers, then write them in DCP's thread
                 upload = dcp.async_save(state, checkpoint_id=tmp, process_group=background_group(),
                                         async_stager=self._stager)  # fmt: skip
@@ -233,6 +238,11 @@ class Checkpointer:
         if self._stager is None:
             self.wait()
         return final
+
+    def _state(self) -> dict:
+        """What DCP saves: the trainable parameters and their optimizer state (sharded views, nothing gathered)."""
+        return {"model": get_model_state_dict(self.model, options=TRAINABLE),
+                "optimizer": _optimizer_state(self.model, self.optimizer)}  # fmt: skip
 
     def _write_small_files(self, step: int, tmp: str) -> None:
         t, rank = self.cfg.train, dist.get_rank()
