@@ -5,8 +5,9 @@ mm_projector.bin) on the demo's tiny assets, --bf16 True, padded and then packed
 
 On a GPU this is the first thing to run: it exercises NCCL collectives, FSDP2 in bf16, the varlen kernel, DCP
 checkpoints and the final saves exactly as a user's run does. On the CPU (the dry run of gpu_session.sh) it runs the
-same commands. The verdict fails on a non-zero exit, a non-finite loss, a missing output, or packed and padded runs
-whose losses disagree while the weights are still the same ones (the first two steps: the first runs at lr 0).
+same commands. The verdict fails on a non-zero exit, a non-finite loss, a missing output or checkpoint (one every
+2 steps), or packed and padded runs whose losses disagree while the weights are still the same ones (the first two
+steps: the first runs at lr 0).
 """
 
 import argparse
@@ -22,8 +23,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from minillava.demo import STAGE1_FLAGS, STAGE2_FLAGS, make_demo_assets  # noqa: E402
+from minillava.outputs import complete_checkpoints  # noqa: E402
 
 OUTPUTS = {1: "mm_projector.bin", 2: "model.safetensors.index.json"}
+SAVE_STEPS = 2  # mid-run checkpoints, written in the background as a user's run writes them
 BF16_RTOL = 3e-2  # packed (varlen kernel) vs padded (masked SDPA) in bf16, same weights
 
 
@@ -32,7 +35,8 @@ def run(work: str, stage: int, packing: bool, max_steps: int, timeout: int) -> d
     name = f"{'packed' if packing else 'padded'}_stage{stage}"
     out = os.path.join(work, name)
     flags = {k: v.format(out=work) for k, v in (STAGE1_FLAGS if stage == 1 else STAGE2_FLAGS).items()}
-    flags.update(output_dir=out, bf16="True", padding_free=str(packing), max_steps=str(max_steps), logging_steps="1")
+    flags.update(output_dir=out, bf16="True", padding_free=str(packing), max_steps=str(max_steps), logging_steps="1",
+                 save_steps=str(SAVE_STEPS))  # fmt: skip (background DCP checkpoints, pinned staging, gloo group)
     if stage == 2:
         flags["pretrain_mm_mlp_adapter"] = os.path.join(work, name.replace("stage2", "stage1"), OUTPUTS[1])
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *(x for k, v in flags.items() for x in (f"--{k}", v))]
@@ -48,6 +52,7 @@ def run(work: str, stage: int, packing: bool, max_steps: int, timeout: int) -> d
             losses = [json.loads(line)["loss"] for line in f]
     record = {"what": "cuda_check", "run": name, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
     record.update(losses=losses, output=os.path.exists(os.path.join(out, OUTPUTS[stage])))
+    record["checkpoints"] = [step for step, _ in complete_checkpoints(out)]
     if rc != 0:
         record["stderr_tail"] = tail
     return record
@@ -61,6 +66,8 @@ def verdict(records: list[dict], max_steps: int) -> dict:
             problems.append(f"{r['run']}: rc {r['rc']}, {len(r['losses'])} steps logged, output {r['output']}")
         elif not all(map(math.isfinite, r["losses"])):
             problems.append(f"{r['run']}: non-finite loss {r['losses']}")
+        if r["checkpoints"][-1:] != [max_steps - max_steps % SAVE_STEPS]:  # the newest (the presets keep one)
+            problems.append(f"{r['run']}: complete checkpoints {r['checkpoints']}, saved every {SAVE_STEPS} steps")
     for stage in (1, 2):
         padded, packed = by_name.get(f"padded_stage{stage}"), by_name.get(f"packed_stage{stage}")
         if padded and packed and padded["losses"][:2] and packed["losses"][:2]:
