@@ -12,7 +12,7 @@ Atomic: all of it goes to checkpoint-N.tmp-XXXX, COMPLETE last, then one directo
 checkpoint-N directories holding COMPLETE, so a kill at any moment leaves every earlier checkpoint usable.
 
 In the background (--async_save, the default): the step waits only while the state is copied into host buffers
-(DCP's DefaultStager: pinned on CUDA, allocated by the first save and reused); DCP writes that copy in its own
+(DCP's DefaultStager: pinned on CUDA, allocated after the first step and reused); DCP writes that copy in its own
 thread, on a gloo group of its own (distributed.background_group), and rank 0 publishes the checkpoint (COMPLETE,
 rename, --save_total_limit) as the thread's last act. One save is in flight at a time; it is finished before the
 next save, at the end of training, on preemption, and after an error (close). The host buffers hold one copy of
@@ -200,8 +200,8 @@ class Checkpointer:
                 use_non_blocking_copy=False))  # fmt: skip
 
     def save_if_due(self, step: int) -> str | None:
-        """After each step: publish a finished background save (poll), then start checkpoint-<step> if --save_steps
-        makes it due; returns its path, or None when none was due."""
+        """After each step: raise the error of a failed background save (poll), then start checkpoint-<step> if
+        --save_steps makes it due; returns its path, or None when none was due."""
         self.poll()
         if self.cfg.train.save_steps <= 0:
             return None

@@ -68,7 +68,7 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 MARKER = "COMPLETE"  # written last into a checkpoint (minillava/checkpoint.py)
 LOCK_NAME = ".minillava.lock"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-BUCKET_BYTES = 32 * 2**20  # the final save's transfers to rank 0: bench/final_save.py found 16-32 MiB fastest on CPU
+BUCKET_BYTES = 32 * 2**20  # the final save's unit of cast, transfer and write: fastest in bench/final_save.py
 
 
 def rank0() -> bool:
@@ -280,8 +280,8 @@ def chunk_rows(n: int, world: int) -> list[int]:
 
 
 def gather_layout(shapes: list[Sequence[int]], world: int) -> list[int]:
-    """Where each rank's rows of each tensor go in rank 0's flat buffer for a bucket of row-split tensors of these
-    (global) shapes: rank after rank, each rank's rows of every tensor in order. begin[r * len(shapes) + i] is where
+    """Where each rank's rows of each tensor go in a bucket's flat layout for row-split tensors of these (global)
+    shapes: rank after rank, each rank's rows of every tensor in order. begin[r * len(shapes) + i] is where
     rank r's rows of tensor i start; the list ends with the total, so rank r's part is
     [begin[r * len(shapes)], begin[(r + 1) * len(shapes)])."""
     splits = [chunk_rows(shape[0], world) for shape in shapes]
@@ -366,22 +366,20 @@ def _start_rows(bucket: _Bucket, dtype: torch.dtype, k: int, slots: _Slots, writ
     if [t.shape[0] for t in local] != [chunk_rows(v.shape[0], len(peers))[me] for _, v in bucket.items]:
         raise RuntimeError("a Shard(0) DTensor's local rows are not torch.chunk's split")
     begin = gather_layout([value.shape for _, value in bucket.items], len(peers))
-    part = lambda r: (begin[r * count], begin[(r + 1) * count])  # noqa: E731 (rank r's part of the layout)
     mine = [me] + ([r for r, p in enumerate(peers) if p not in writers] if rank == bucket.dest else [])
-    held = [part(r) for r in mine]  # the parts this rank will hold, one after another in its buffer
-    flat = slots.slot(k, sum(hi - lo for lo, hi in held), dtype, local[0].device)
+    sizes = [begin[(r + 1) * count] - begin[r * count] for r in mine]  # the parts this rank holds, in this order
+    starts = dict(zip(mine, itertools.accumulate(sizes, initial=0), strict=False))  # ... and where, in its buffer
+    flat = slots.slot(k, sum(sizes), dtype, local[0].device)
     lo = begin[me * count]
     for i, t in enumerate(local, start=me * count):  # copy_ casts as it copies: 3x faster than torch.cat(out=)
         flat[begin[i] - lo : begin[i + 1] - lo].copy_(t.reshape(-1))
     if rank not in writers:
         return _sent(dist.batch_isend_irecv([dist.P2POp(dist.isend, flat, bucket.dest, group)]), flat)
-    ops, at = [], held[0][1] - held[0][0]
-    for (lo, hi), r in zip(held[1:], mine[1:], strict=True):
-        ops.append(dist.P2POp(dist.irecv, flat[at : at + hi - lo], peers[r], group))
-        at += hi - lo
+    ops = [dist.P2POp(dist.irecv, flat[starts[r] : starts[r] + size], peers[r], group)
+           for r, size in zip(mine[1:], sizes[1:], strict=True)]  # fmt: skip
     works = dist.batch_isend_irecv(ops) if ops else []
     host = flat if flat.device.type == "cpu" else slots.slot(k, flat.numel(), dtype, torch.device("cpu"))
-    return _received(works, flat, host, bucket, mine, begin)
+    return _received(works, flat, host, bucket, starts, begin)
 
 
 def _sent(works: list, buffer: torch.Tensor) -> Iterator:
@@ -391,22 +389,20 @@ def _sent(works: list, buffer: torch.Tensor) -> Iterator:
     yield from ()
 
 
-def _received(works: list, flat: torch.Tensor, host: torch.Tensor, bucket: _Bucket, mine: list[int], begin) -> Iterator:
+def _received(works: list, flat: torch.Tensor, host: torch.Tensor, bucket: _Bucket, starts: dict, begin) -> Iterator:
     """A writer's end of _start_rows: wait for the parts it receives, copy the buffer to the host buffer `host` once
-    (if it is on a GPU), then yield (name, pieces): the rows of each tensor that it holds, each at its byte offset
-    in the tensor (the row chunks of a row-major tensor lie one after another, rank after rank)."""
+    (if it is on a GPU), then yield (name, pieces): the rows of each tensor that it holds (rank r's part starts at
+    starts[r] in flat), each at its byte offset in the tensor (a row-major tensor's row chunks lie one after
+    another, rank after rank)."""
     for work in works:
         work.wait()
     flat = host.copy_(flat) if host is not flat else flat
     count, peers = len(bucket.items), len(bucket.split[0])
-    starts, at = {}, 0  # where rank r's part starts in flat
-    for r in mine:
-        starts[r], at = at, at + begin[(r + 1) * count] - begin[r * count]
     for i, (name, value) in enumerate(bucket.items):
         row_bytes = math.prod(value.shape[1:]) * flat.element_size()
         offsets = list(itertools.accumulate(chunk_rows(value.shape[0], peers), initial=0))
         pieces = []
-        for r in mine:
+        for r in starts:
             a, b = begin[r * count + i] - begin[r * count], begin[r * count + i + 1] - begin[r * count]
             if b > a:
                 pieces.append((offsets[r] * row_bytes, flat[starts[r] + a : starts[r] + b]))
