@@ -12,7 +12,7 @@ Atomic: all of it goes to checkpoint-N.tmp-XXXX, COMPLETE last, then one directo
 checkpoint-N directories holding COMPLETE, so a kill at any moment leaves every earlier checkpoint usable.
 
 In the background (--async_save, the default): the step waits only while the state is copied into host buffers
-(DCP's DefaultStager: pinned on CUDA, allocated after the first step and reused); DCP writes that copy in its own
+(HostStager: pinned on CUDA, allocated after the first step and reused); DCP writes that copy in its own
 thread, on a gloo group of its own (distributed.background_group), and rank 0 publishes the checkpoint (COMPLETE,
 rename, --save_total_limit) as the thread's last act. One save is in flight at a time; it is finished before the
 next save, at the end of training, on preemption, and after an error (close). The host buffers hold one copy of
@@ -40,7 +40,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -173,6 +174,27 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: st
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(strict=False))
 
 
+class HostStager(AsyncStager):
+    """What dcp.async_save copies the state into before it returns: host buffers (pinned on CUDA) made at the first
+    stage() and refilled by every later one, through one StateDictStager kept for the whole run (it caches a host
+    copy per storage of the state). Not DefaultStager: in torch 2.11 and 2.12 its stage() closes its StateDictStager
+    after each use, so the second stage() fails (KeyError: <class 'type'>; torchtitan issue #3476)."""
+
+    _synchronize_after_execute = False  # stage() has copied everything when it returns: nothing to wait for
+
+    def __init__(self, pin_memory: bool) -> None:
+        self._copier = StateDictStager(pin_memory=pin_memory, share_memory=False)
+
+    def stage(self, state_dict: dict) -> dict:
+        return self._copier.stage(state_dict, non_blocking=False)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._copier.close()
+
+
 class Checkpointer:
     """The run's save/resume: train.py calls resume() once before the loop and save_if_due(step) after each step.
 
@@ -195,9 +217,7 @@ class Checkpointer:
         self._pending: Future | None = None  # the save in flight: its path once published
         self._stager, self._staged = None, False  # --async_save: DCP's host buffers, kept and reused by every save
         if t.async_save:
-            self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False, use_async_staging=False,
-                use_non_blocking_copy=False))  # fmt: skip
+            self._stager = HostStager(pin_memory=torch.cuda.is_available())
 
     def save_if_due(self, step: int) -> str | None:
         """After each step: raise the error of a failed background save (poll), then start checkpoint-<step> if

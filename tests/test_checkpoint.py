@@ -444,3 +444,18 @@ def test_a_save_is_written_while_training_goes_on(data, tmp_path, monkeypatch, b
             assert torch.equal(v.full_tensor(), saved[k]), k
     finally:
         D.cleanup(info)
+
+
+def test_async_saves_at_every_step_then_resume_from_the_last_is_exact(data, tmp_path):
+    """--async_save (the default) with a checkpoint after every step of a 4-step run: the host buffers are staged
+    after step 1 and restaged by each of the four saves (torch 2.11 and 2.12's DefaultStager failed the second stage),
+    every checkpoint is published, and a run resumed from checkpoint-3 trains step 4 to the same loss and weights."""
+    out = str(tmp_path / "o")
+    argv = flags(data, out, max_steps=4, save_steps=1, save_total_limit=10)
+    train.main(argv)
+    assert [s for s, _ in complete_checkpoints(out)] == [1, 2, 3, 4]
+    first, weights = losses(out), final_weights(out)
+    train.main([*argv, "--resume_from_checkpoint", os.path.join(out, "checkpoint-3")])
+    assert losses(out) == first and len(first) == 4
+    resumed = final_weights(out)
+    assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
