@@ -58,11 +58,13 @@ def chunked_cross_entropy(
 
     hidden (M, D) is the flattened layout; label_pos / label_ids (L,) come finished from the host layout, so the
     number of rows and every chunk boundary are known without reading a device tensor. Rows with no label (prompts,
-    image positions) never reach lm_head. No labelled token gives (0., 0), with a graph, never NaN."""
+    image positions) never reach lm_head. No labelled token gives (0., 0) and zero gradients, never NaN."""
     if getattr(lm_head, "bias", None) is not None:
         raise ValueError("lm_head with a bias is not supported (Llama's has none)")
     n = label_pos.shape[0]  # a host int: the tensor's size, not its values
     h = hidden.index_select(0, label_pos)  # (L, D)
-    if n == 0:  # keep the graph (zero gradients) so every rank runs the same backward
-        return (h.sum() * 0).float(), 0
+    if n == 0:  # zero loss, with a zero gradient for every trainable parameter the labelled path would reach
+        # lm_head's included: FSDP2 reduce-scatters the gradients a rank has, so a rank whose micro-batch is all
+        # prompt must produce the same ones as the others (else gloo aborts on the size mismatch and NCCL hangs).
+        return (h.sum() * 0 + lm_head.weight.sum() * 0).float(), 0
     return LinearCrossEntropy.apply(h, lm_head.weight, label_ids, chunk_size), n

@@ -62,3 +62,36 @@ def test_a_run_that_trains_no_label_token_stops(assets, tmp_path):
     with pytest.raises(ValueError, match=r"no label token in 3 steps: .*--model_max_length 12 against the 4 positions"):
         train.main(flags(assets, out, stage=2, model_max_length=12))
     assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+
+
+def _with_all_prompt_samples(assets, root: str, n: int = 4) -> str:
+    """assets' stage-2 records plus n text-only samples whose question alone outgrows --model_max_length 64: each
+    loses its whole answer to truncation, so a micro-batch of one of them has no labelled token."""
+    with open(assets["data"]) as f:
+        records = json.load(f)
+    question = " ".join(["Describe the shape and its colour in great detail"] * 12) + "?"
+    records += [
+        {"id": f"all-prompt-{i}", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "No."}]}
+        for i in range(n)
+    ]
+    os.makedirs(root)
+    path = os.path.join(root, "data.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+@pytest.mark.dist
+def test_a_rank_with_an_all_prompt_micro_batch_matches_one_process(assets, tmp_path):
+    """Stage 2 on 2 ranks, one sample per rank, where some steps give one rank an all-prompt sample and the other a
+    labelled one: every trainable parameter still gets a (zero) gradient on that rank, so FSDP2's reduce-scatters
+    match (lm_head had none: gloo aborted, NCCL would hang), and the losses equal 1 rank x GA 2 on the same batches."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = dict(data_path=_with_all_prompt_samples(assets, str(tmp_path / "d")), per_device_train_batch_size=1,
+                  max_steps=10)  # fmt: skip
+    train.main(flags(assets, one, gradient_accumulation_steps=2, **common))
+    run_distributed(_dist_main, tmp_path, flags(assets, two, **common))
+    with open(os.path.join(two, "metrics.jsonl")) as f:
+        empty = [json.loads(line)["empty_micro_batches"] for line in f]
+    assert 1 in empty, empty  # a step where exactly one of the two ranks had nothing to learn
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
