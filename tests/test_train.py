@@ -70,10 +70,8 @@ def _with_all_prompt_samples(assets, root: str, n: int = 4) -> str:
     with open(assets["data"]) as f:
         records = json.load(f)
     question = " ".join(["Describe the shape and its colour in great detail"] * 12) + "?"
-    records += [
-        {"id": f"all-prompt-{i}", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "No."}]}
-        for i in range(n)
-    ]
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": "No."}]
+    records += [{"id": f"all-prompt-{i}", "conversations": turns} for i in range(n)]
     os.makedirs(root)
     path = os.path.join(root, "data.json")
     with open(path, "w") as f:
