@@ -3,8 +3,9 @@ only, so a tensor built without a device (it lands on the CPU) crashes the first
 tensor mixed into a CUDA op crashes the op. Two audits run over a whole train.main (stage 2, accumulation, global
 token normalisation, clipping, packing, a mid-run checkpoint and the final save) on 1 rank and on 2 gloo ranks:
 
-- every tensor handed to a torch.distributed collective is on the run's compute device (CPU here; the same test on a
-  GPU machine checks CUDA);
+- every tensor handed to a torch.distributed collective is on the device its group's backend serves: the run's
+  compute device for the default group (CPU here; the same test on a GPU machine checks CUDA), the CPU for the gloo
+  group of background checkpoint writes;
 - the device-side code (train.py and the model, attention, loss, metrics and distributed modules) creates no tensor
   without naming its device and never asks for a non_blocking copy from pageable memory. The host-side code (the
   dataset and collator, which build CPU batches by design) is not audited.
@@ -87,17 +88,43 @@ def _tensors(obj):
             yield from _tensors(x)
 
 
+def collective_problems(name: str, args: tuple, kwargs: dict, compute: torch.device) -> list[str]:
+    """What is wrong with the tensors of one collective call: each must be on the device its group's backend serves,
+    CPU for a gloo group (the background checkpoint group, D.background_group, always; the default group on a CPU
+    run), the run's compute device otherwise (NCCL)."""
+    group = kwargs.get("group") or next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+    served = torch.device("cpu") if "gloo" in str(dist.get_backend(group)) else compute
+    return [f"dist.{name} got a tensor on {t.device}, its group's backend serves {served}"
+            for t in _tensors([*args, *kwargs.values()]) if t.device != served]  # fmt: skip
+
+
+def test_a_gloo_group_is_served_on_the_cpu_whatever_the_run_computes_on():
+    """On a CUDA run the default group is NCCL (CUDA tensors) while the background checkpoint group is gloo (CPU
+    tensors, by design): the audit expects each group's own device, not the compute device everywhere."""
+    cuda, cpu = torch.device("cuda", 0), torch.zeros(1, device="cpu")
+    info = D.init_distributed(background=True)
+    try:
+        assert collective_problems("all_reduce", (cpu,), {"group": D.background_group()}, cuda) == []
+        nccl = lambda group=None: "nccl" if group is None else dist.Backend.GLOO  # noqa: E731
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dist, "get_backend", nccl)
+            assert collective_problems("all_reduce", (cpu,), {}, cuda) == [
+                "dist.all_reduce got a tensor on cpu, its group's backend serves cuda:0"
+            ]
+            assert collective_problems("broadcast", (cpu, 0, D.background_group()), {}, cuda) == []
+    finally:
+        D.cleanup(info)
+
+
 def audited_main(argv: list[str]) -> list[str]:
     """train.main(argv) with both audits on; returns every problem found (empty when the CUDA path is sound)."""
-    expected = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    compute = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     problems, originals = [], {}
 
     def checked(name, fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            for t in _tensors([*args, *kwargs.values()]):
-                if t.device != expected:
-                    problems.append(f"dist.{name} got a tensor on {t.device}, the run computes on {expected}")
+            problems.extend(collective_problems(name, args, kwargs, compute))
             return fn(*args, **kwargs)
 
         return wrapper
