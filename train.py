@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         stream = micro_batch_stream(loader, sampler, sampler.epoch, info.device)
         trained_tokens = 0.0
         for step in range(start, total_steps):
+            stop.hold_for_test(step + 1)
             t0 = time.perf_counter()
             try:
                 items = [next(stream) for _ in range(ga)]

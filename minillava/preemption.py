@@ -13,10 +13,12 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 
 EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
 AGENT_POLL_S = 0.1  # how often a torchrun worker checks that its agent is alive (one getppid() call)
 AGENT_GRACE_S = 300.0  # a worker orphaned by its agent that has not stopped by then exits at once
+HOLD_HOOK = "MINILLAVA_TEST_HOLD_BEFORE_STEP"  # tests only: =N holds every rank before step N until a stop request
 
 
 _PARENT = os.getppid()  # at import, as early as possible: the torchrun agent that started this worker
@@ -58,6 +60,14 @@ class StopRequest:
                           "(waiting on a dead rank?): exiting", flush=True)  # fmt: skip
                     os._exit(EXIT_CODE)
                 return
+
+    def hold_for_test(self, step: int) -> None:
+        """Tests only (HOLD_HOOK=step): wait here until a stop is requested, so a test's signal lands before a known
+        step whatever the machine's load (not after some later step it happened to reach first)."""
+        if os.environ.get(HOLD_HOOK) == str(step):
+            deadline = time.monotonic() + 120
+            while not self.requested and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     @property
     def requested(self) -> bool:

@@ -24,6 +24,7 @@ from minillava.data import DataCollator, LazySupervisedDataset, load_image_proce
 from minillava.formats import load_mm_projector, read_settings, to_llava_key
 from minillava.model import build_llava_from_config
 from minillava.optim import build_optimizer
+from minillava.preemption import HOLD_HOOK
 from minillava.sampler import DistributedModalityLengthSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,8 +188,9 @@ def _wait_for(proc, what, ready, deadline):
 @pytest.mark.dist
 def test_sigterm_and_a_dead_agent_stop_with_a_checkpoint_then_resume_exactly(data, stage2_ref, tmp_path):
     """Preemption under torchrun, one chain of the same 8-step stage-2 run (saves every 2 steps):
-    (a) SIGTERM to torchrun once checkpoint-2 is complete (what SLURM / Kubernetes send): torchrun forwards it, both
-        ranks finish their step, write checkpoint-k (k >= 3) and exit 143 with the resume command;
+    (a) SIGTERM to torchrun once checkpoint-2 is complete (what SLURM / Kubernetes send), the ranks held before step
+        3 until it lands (HOLD_HOOK: however loaded the machine, no later step is reached first): torchrun forwards
+        it, both ranks finish step 3, write checkpoint-3 and exit 143 with the resume command;
     (b) auto-resume from k, and torchrun SIGKILLed alone as the run starts (its ranks live on in their own
         sessions; they used to train to the end with no agent): the ranks notice, save checkpoint-j and exit;
     (c) auto-resume to the end: losses of steps 1..8 and the final weights equal the uninterrupted run's."""
@@ -196,7 +198,7 @@ def test_sigterm_and_a_dead_agent_stop_with_a_checkpoint_then_resume_exactly(dat
     argv = flags(data, out, **STAGE2)
     os.makedirs(out)
     with open(os.path.join(out, "sigterm.txt"), "w") as log:
-        proc = _launch(argv, log)
+        proc = _launch(argv, log, **{HOLD_HOOK: "3"})
         deadline = time.monotonic() + 240
         _wait_for(proc, "checkpoint-2", lambda: os.path.isfile(os.path.join(out, "checkpoint-2", MARKER)), deadline)
         proc.send_signal(signal.SIGTERM)
@@ -204,8 +206,8 @@ def test_sigterm_and_a_dead_agent_stop_with_a_checkpoint_then_resume_exactly(dat
     with open(os.path.join(out, "sigterm.txt")) as f:
         text = f.read()
     steps = [s for s, _ in complete_checkpoints(out)]
-    assert steps[0] == 2 and len(steps) == 2 and 3 <= steps[1] < 8, (steps, text[-3000:])
-    k = steps[1]
+    assert steps == [2, 3], (steps, text[-3000:])
+    k = 3
     assert f"stopped after step {k} of 8 (SIGTERM): saved {os.path.join(out, f'checkpoint-{k}')}; to continue" in text
     argv += ["--resume_from_checkpoint", "auto"]
     with open(os.path.join(out, "agent.txt"), "w") as log:

@@ -1,6 +1,7 @@
-"""bench/gpu_session.sh --dry-run: every line of the GPU check runs on the CPU at tiny shapes, well inside its
-budget, and writes the records a GPU run writes: the CUDA check's verdict, minillava beside the plain-transformers
-baseline on the same work, and the padded and packed runs of the length mix on the same batches."""
+"""bench/gpu_session.sh --dry-run: every line of the GPU check runs on the CPU at tiny shapes and writes the records
+a GPU run writes: the CUDA check's verdict, minillava beside the plain-transformers baseline on the same work, and
+the padded and packed runs of the length mix on the same batches. No time is asserted: a loaded machine may take
+long, and timing belongs to the GPU run."""
 
 import json
 import os
@@ -21,18 +22,29 @@ def _jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def test_dry_run_runs_every_line_and_writes_every_record(tmp_path):
-    out = tmp_path / "bench_out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+def _dry_run(out, **env):
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2", **env}
     proc = subprocess.run(
         ["bash", os.path.join(REPO, "bench", "gpu_session.sh"), "--dry-run"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    steps = {s["line"]: s for s in _jsonl(out / "steps.jsonl")}
+    return {s["line"]: s for s in _jsonl(out / "steps.jsonl")}
+
+
+def test_a_spent_budget_skips_the_remaining_lines(tmp_path):
+    """Each line is capped by what is left of BUDGET_S; with less than 15 s left, a line is skipped and says so."""
+    steps = _dry_run(tmp_path / "bench_out", BUDGET_S="10")
+    assert list(steps) == LINES
+    assert {s["status"] for s in steps.values()} == {"skipped"}
+    assert {s["reason"] for s in steps.values()} == {"budget spent"}
+
+
+def test_dry_run_runs_every_line_and_writes_every_record(tmp_path):
+    out = tmp_path / "bench_out"
+    steps = _dry_run(out, BUDGET_S="3600")  # a loaded machine may take long: time belongs to the GPU run
     assert list(steps) == LINES
     assert all(s["status"] == "ok" for s in steps.values()), steps
-    assert sum(s["seconds"] for s in steps.values()) < 180
     records = _jsonl(out / "results.jsonl")
     by = lambda line, what: [r for r in records if r["line"] == line and r["what"] == what]  # noqa: E731
     assert by("cuda_train", "cuda_check_verdict") == [
