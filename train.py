@@ -35,7 +35,7 @@ from minillava.formats import (
 from minillava.layout import Batch, LayoutCollator
 from minillava.lora import add_lora, initial_lora_state
 from minillava.memory import device_memory, plan_checkpointing
-from minillava.metrics import FlopModel, MetricsLogger, device_peak_flops, peak_memory_gb
+from minillava.metrics import FlopModel, MetricsLogger, StepRecord, device_peak_flops, peak_memory_gb
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
 from minillava.outputs import DISK_FULL, lock_output_dir, new_dirs, next_steps, save_final, unclaim_output_dir
@@ -45,9 +45,11 @@ from minillava.sampler import DistributedModalityLengthSampler
 NO_LABEL_STEPS = 20  # a run whose first steps train no label token at all stops (nothing would be learnt)
 
 
-def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Config) -> dict[str, float]:
-    """One optimizer step over gradient_accumulation_steps micro-batches; returns rank-averaged metrics. Token counts
-    are host ints from the layout, so the step reads the device twice: the gradient norm and the logging reduction."""
+def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Config, extra=None) -> StepRecord:
+    """One optimizer step over gradient_accumulation_steps micro-batches. It reads nothing from the device: token
+    counts are host ints from the layout, and the step's metrics are summed over ranks in one collective and left on
+    the device (a StepRecord: the loop reads a window of steps at once). extra: more per-rank host numbers (the
+    loop's FLOPs, tokens, stop flag) to sum in that collective."""
     global_token = cfg.train.loss_reduction == "global_token"
     counts = [b.num_label_tokens for b in micro_batches]
     if global_token:  # every rank's label tokens of the whole step, before any backward (torchtitan style)
@@ -64,17 +66,15 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Con
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # Logging, one device read: llava = mean of micro-batch means (then / ranks); global_token = this rank's share of
-    # the step's global token mean (summed over ranks).
-    host = [sum(counts), sum(n == 0 for n in counts), sum(b.num_text_only for b in micro_batches),
-            sum(b.num_lost_labels for b in micro_batches)]  # fmt: skip
-    loss_val, tokens_total, empty, text_only, lost = D.all_reduce([torch.stack(losses).sum(), *map(float, host)])
-    loss_val = loss_val if global_token else loss_val / D.world_size()
-    if not math.isfinite(loss_val):
-        raise FloatingPointError(f"loss is {loss_val}: stopping (check labels, --bf16 and the learning rate)")
-    counts_out = {"label_tokens": tokens_total, "empty_micro_batches": empty, "text_only_samples": text_only,
-                  "lost_label_tokens": lost}  # fmt: skip
-    return {"loss": loss_val, **grad_norms, **counts_out}
+    # llava: the mean of micro-batch means (/ ranks below); global_token: this rank's share of the global token mean.
+    sums = {"loss": torch.stack(losses).sum(), "label_tokens": sum(counts), "empty_micro_batches": counts.count(0),
+            "text_only_samples": sum(b.num_text_only for b in micro_batches),
+            "lost_label_tokens": sum(b.num_lost_labels for b in micro_batches), **(extra or {})}  # fmt: skip
+    reduced = D.all_reduce_on_device(list(sums.values()))
+    if not global_token:
+        reduced[0] /= D.world_size()
+    norms = torch.stack(list(grad_norms.values())).to(reduced)
+    return StepRecord([*sums, *grad_norms], torch.cat([reduced, norms]))
 
 
 def seed_everything(seed: int) -> None:
@@ -254,6 +254,26 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
         yield epoch, batch, lambda before=before, after=after: before.elapsed_time(after) / 1e3
 
 
+def read_window(window: list, seconds: float, global_batch: int, peak: float | None, info: D.DistInfo) -> list:
+    """The steps queued since the last read, read from the device in one host sync, with the loop's measures. The
+    host ran ahead of the device in between, so the window's wall time is shared evenly by its steps."""
+    dt, mem = seconds / len(window), peak_memory_gb(info.device)
+    rows = StepRecord.read([record for record, *_ in window])
+    for row, (_, lrs, t_data, items) in zip(rows, window, strict=True):
+        row.update(
+            lr=next(iter(lrs.values())),
+            **{f"lr_{name}": lr for name, lr in lrs.items()},
+            step_time=dt,
+            samples_per_s=global_batch / dt,
+            tokens_per_s=row.pop("tokens") / dt,
+            data_wait=t_data / dt,
+            copy_wait=sum(wait() for _, _, wait in items) / dt,  # the device waiting for host-to-device copies
+            peak_mem_gb=mem,
+            mfu=row.pop("flops") / dt / (peak * info.world_size) if peak else None,
+        )
+    return rows
+
+
 def fetch_models(cfg: Config, info: D.DistInfo) -> None:
     """Model flags given as hub ids (lmsys/vicuna-7b-v1.5, as LLaVA's scripts pass them): each node's first rank
     downloads what the node's hub cache lacks (formats.download; nothing when HF_HUB_OFFLINE=1) while the other ranks
@@ -337,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
             run_config=cfg.to_dict(),
         )
         stream = micro_batch_stream(loader, sampler, sampler.epoch, info.device)
-        trained_tokens = 0.0
+        window, t_window = [], time.perf_counter()  # the steps queued since the last device read
+        trained_tokens, stopping = 0.0, False
         for step in range(start, total_steps):
             stop.hold_for_test(step + 1)
             t0 = time.perf_counter()
@@ -348,42 +369,38 @@ def main(argv: list[str] | None = None) -> None:
             micro = [batch for _, batch, _ in items]
             t_data = time.perf_counter() - t0  # the host waiting for the DataLoader
             lrs = group_lrs(optimizer)  # the lrs this step uses (the scheduler moves them on inside train_step)
-            metrics = train_step(model, micro, optimizer, scheduler, cfg)
-            trained_tokens += metrics["label_tokens"]  # every rank's (the logging reduction): all ranks agree
-            if trained_tokens == 0 and step + 1 - start >= min(NO_LABEL_STEPS, total_steps - start):
-                raise ValueError(
-                    f"no label token in {step + 1 - start} steps: every sample lost its answers (check "
-                    f"--model_max_length {t.model_max_length} against the {model.num_image_tokens} positions an "
-                    "image takes, and the skipped samples named above)"
-                )
-            if info.device.type == "cuda":
-                torch.cuda.synchronize(info.device)
-            dt = time.perf_counter() - t0
             seq = [n for b in micro for n in b.seq_lens]
-            # The step's one host-side reduction also tells every rank whether any rank was asked to stop.
-            step_flops, step_tokens, stopping = D.all_reduce([sum(map(flops.sample_flops, seq)), sum(seq),
-                                                              float(stop.requested)])  # fmt: skip
-            metrics.update(
-                lr=next(iter(lrs.values())),
-                **{f"lr_{name}": lr for name, lr in lrs.items()},
-                step_time=dt,
-                samples_per_s=global_batch / dt,
-                tokens_per_s=step_tokens / dt,
-                data_wait=t_data / dt,
-                copy_wait=sum(wait() for _, _, wait in items) / dt,  # the device waiting for host-to-device copies
-                peak_mem_gb=peak_memory_gb(info.device),
-                mfu=step_flops / dt / (peak * info.world_size) if peak else None,
-            )
-            logger.record(step + 1, metrics, log=(step + 1) % t.logging_steps == 0 or step == 0 or bool(stopping))
+            # The loop's numbers ride the step's one reduction, which also tells every rank whether any was asked
+            # to stop. It is read (one host sync) only on steps that log, save or end the run: in between, the host
+            # queues step after step and the device never waits for it.
+            extra = {"flops": sum(map(flops.sample_flops, seq)), "tokens": sum(seq), "stop": float(stop.requested)}
+            window.append((train_step(model, micro, optimizer, scheduler, cfg, extra), lrs, t_data, items))
+            log = (step + 1) % t.logging_steps == 0 or step == 0
+            if log or step + 1 == total_steps or (t.save_steps > 0 and (step + 1) % t.save_steps == 0):
+                rows = read_window(window, time.perf_counter() - t_window, global_batch, peak, info)
+                stopping = any(row.pop("stop") for row in rows)
+                for done, row in enumerate(rows, step + 2 - len(rows)):
+                    if not math.isfinite(row["loss"]):
+                        raise FloatingPointError(f"loss is {row['loss']} at step {done}: stopping (check labels, "
+                                                 "--bf16 and the learning rate)")  # fmt: skip
+                    trained_tokens += row["label_tokens"]  # every rank's (the reduction): all ranks agree
+                    if trained_tokens == 0 and done - start >= min(NO_LABEL_STEPS, total_steps - start):
+                        raise ValueError(
+                            f"no label token in {done - start} steps: every sample lost its answers (check "
+                            f"--model_max_length {t.model_max_length} against the {model.num_image_tokens} "
+                            "positions an image takes, and the skipped samples named above)"
+                        )
+                    logger.record(done, row, log=done == step + 1 and (log or stopping))
+                window, t_window = [], time.perf_counter()
             saved = ckpt.save_if_due(step + 1)
-            if stopping and step + 1 < total_steps:
-                saved = saved or ckpt.save(step + 1)
-                ckpt.wait()  # the checkpoint is written and published before the exit
-                raise Preempted(
-                    f"stopped after step {step + 1} of {total_steps} ({stop.reason or 'another rank was asked to'}): "
-                    f"saved {saved}; to continue, "
-                    "run the same command with --resume_from_checkpoint auto"
-                )
+            if window or not stopping or step + 1 == total_steps:
+                continue
+            saved = saved or ckpt.save(step + 1)
+            ckpt.wait()  # the checkpoint is written and published before the exit
+            raise Preempted(
+                f"stopped after step {step + 1} of {total_steps} ({stop.reason or 'another rank was asked to'}): "
+                f"saved {saved}; to continue, run the same command with --resume_from_checkpoint auto"
+            )
         logger.close()
         ckpt.wait()  # a checkpoint still being written is finished and published first
         save_final(model, cfg, tokenizer, dtype, manifest=manifest)

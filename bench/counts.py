@@ -18,7 +18,8 @@ tokens (1 + 576 + text). Every configuration trains the same batch, so the rows 
 - trainable params: the parameters the optimizer updates. The LoRA rows (--lora_enable, finetune_lora.sh's flags with
   r = hidden / 32, its 128 at 7B's 4096; alpha 2r) train adapters + projector on the same stage-2 batch.
 - host reads: .item / .tolist / .cpu / bool, int or float of a tensor / nonzero / boolean-mask indexing inside the
-  step (torch.optim's own step counters excluded).
+  step and the loop's read of its metrics, as on a logging step (steps that do not log read nothing; torch.optim's
+  own step counters excluded).
 """
 
 import argparse
@@ -178,7 +179,7 @@ def ours(stage: int, checkpointing: bool, packing: bool, tiny: bool, lora: bool 
         batch = model.layout(raw_batch(stage, tiny, llm_cfg, vis_cfg))
         reads, saved = HostReads(), SavedBytes()
         with FlopCounterMode(display=False) as flops, reads, saved:
-            train.train_step(model, [batch], optimizer, scheduler, cfg)
+            train.train_step(model, [batch], optimizer, scheduler, cfg)["loss"]  # read as a logging step reads it
         plain = build_llava_from_config(llm_cfg, vis_cfg, run_settings(cfg))
         if lora:
             add_lora(plain.llm.model, r, 2 * r, cfg.train.lora_dropout)

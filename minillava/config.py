@@ -103,7 +103,8 @@ class TrainArgs:
     torch_compile: bool = _flag(False, "torch.compile each LLM decoder layer (dynamic shapes); off until measured")
     torch_compile_backend: str = _flag("inductor", "--torch_compile backend; aot_eager generates no code (CPU tests)")
     seed: int = _flag(42, "seed of the projector init, the sampler order and the DataLoader workers")
-    logging_steps: int = _flag(1, "log every N steps (metrics.jsonl, progress bar, wandb); HF's default is 500")
+    logging_steps: int = _flag(1, "log every N steps (metrics.jsonl, progress bar, wandb); HF's default is 500. The "
+                                "metrics are read from the device only then, so a SIGTERM is honoured within N steps")
     save_steps: int = _flag(500, "resumable checkpoint every N steps; 0 = only the final save")
     save_total_limit: int | None = _flag(None, "keep the newest N step checkpoints (unset: all)")
     async_save: bool = _flag(True, "minillava: write checkpoints in the background; training waits only for the "

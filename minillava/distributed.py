@@ -152,15 +152,16 @@ def compile_blocks(layers: list[nn.Module], backend: str = "inductor") -> None:
 def apply_fsdp(
     model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum_gradients: bool, mesh: DeviceMesh | None = None
 ) -> None:
-    """fully_shard each LLM decoder layer, the vision tower as one unit, then the root (embeddings, norm, head,
-    projector). With the whole LLM frozen (stage 1) only the projector is sharded: the frozen LLM and tower stay
-    whole on every rank (about 14 GB in bf16 at 7B, as LLaVA's ZeRO-2 run also kept them), so no step all-gathers
-    frozen weights and only the projector's gradients are reduced.
+    """fully_shard each LLM decoder layer, then the root (embeddings, norm, head, projector). The frozen vision tower
+    is never sharded: whole on every rank (0.6 GB in bf16 for CLIP-L), it is never all-gathered (as its own FSDP
+    unit it was gathered in forward and again by backward prefetch, for no gradient). With the whole LLM frozen
+    (stage 1) only the projector is sharded: the frozen LLM stays whole on every rank too (about 14 GB in bf16 at
+    7B, as LLaVA's ZeRO-2 run also kept it), so no step all-gathers frozen weights and only the projector's
+    gradients are reduced.
 
     - bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); sharded params (the master weights the
       optimizer updates) stay in whatever dtype they were built in (fp32 for trainable ones).
-    - reshard_after_forward: True = ZeRO-3-like (zero3.json), False = ZeRO-2-like (zero2.json). The vision tower is
-      forward-only, so it always reshards: keeping its gathered weights until backward would only cost memory.
+    - reshard_after_forward: True = ZeRO-3-like (zero3.json), False = ZeRO-2-like (zero2.json).
     - mesh: device_mesh(...): None for FSDP over every rank, a 2-D mesh for HSDP.
     - sum_gradients: for --loss_reduction global_token the loss is already divided by the global token count, so
       FSDP must sum gradients instead of averaging them over ranks. set_gradient_divide_factor(1.0) alone asks for
@@ -174,8 +175,10 @@ def apply_fsdp(
     else:
         for layer in model.decoder_layers():
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        fully_shard(model.vision_tower, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        # The root is never resharded after forward: backward needs lm_head first, and embed_tokens' gradient keeps
+        # it gathered to the end of backward anyway, so resharding would only add an all-gather per step.
+        frozen_tower = set(model.vision_tower.parameters())  # never trained: whole on every rank, never gathered
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=frozen_tower)
     if sum_gradients:
         for m in model.modules():
             if isinstance(m, FSDPModule):
@@ -220,24 +223,25 @@ def print0(*args: object) -> None:
         print(*args, flush=True)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> dict[str, float]:
-    """Gradient norms over all ranks' shards (DTensor-aware): `grad_norm` of everything and `grad_norm_<child>` of
-    each top-level child with gradients (llm, mm_projector); with max_norm > 0 every gradient is scaled by
-    min(1, max_norm / grad_norm), as torch.nn.utils.clip_grad_norm_ does on an unsharded model. LLaVA v1.5 ran with
-    no clipping (scripts/zero2.json and zero3.json set no gradient_clipping), hence off by default.
+def clip_grad_norm(model: nn.Module, max_norm: float) -> dict[str, torch.Tensor]:
+    """Gradient norms over all ranks' shards (DTensor-aware), as 0-dim tensors left on the device (no host read):
+    `grad_norm` of everything and `grad_norm_<child>` of each top-level child with gradients (llm, mm_projector);
+    with max_norm > 0 every gradient is scaled by min(1, max_norm / grad_norm), as torch.nn.utils.clip_grad_norm_
+    does on an unsharded model. LLaVA v1.5 ran with no clipping (scripts/zero2.json and zero3.json set no
+    gradient_clipping), hence off by default.
 
     get_total_norm over sharded gradients gives a DTensor with a pending (partial) reduction: full_tensor() is the
-    all-reduce that makes it global. clip_grads_with_norm_ takes the *parameters* (it reads .grad). One host read."""
+    all-reduce that makes it global. clip_grads_with_norm_ takes the *parameters* (it reads .grad) and the norm as a
+    tensor, so clipping needs no host read either."""
     groups: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
             groups.setdefault(name.split(".")[0], []).append(p)
     if not groups:
-        return {"grad_norm": 0.0}
+        return {"grad_norm": torch.zeros((), device=collective_device())}
     norms = [torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0) for params in groups.values()]
     per_child = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms])
     total = torch.linalg.vector_norm(per_child)
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for params in groups.values() for p in params], max_norm, total)
-    values = torch.cat([total[None], per_child]).tolist()
-    return {"grad_norm": values[0], **{f"grad_norm_{child}": v for child, v in zip(groups, values[1:], strict=True)}}
+    return {"grad_norm": total, **{f"grad_norm_{child}": n for child, n in zip(groups, per_child, strict=True)}}

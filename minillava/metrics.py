@@ -9,6 +9,7 @@ bench/hf_baseline.py (the plain-transformers baseline) is counted with this same
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,32 @@ class FlopModel:
         attn_fwd = 4 * self.llm_layers * seq_len * seq_len * self.hidden / 2
         llm = (6 if self.llm_trainable else 4) * self.llm_matmul * seq_len + 3 * attn_fwd
         return self.tower_flops() + llm
+
+
+class StepRecord(Mapping):
+    """One training step's numbers, reduced over ranks and left on the device (no host sync when made). Reading a
+    field reads them all; StepRecord.read reads a whole window of steps in one host sync."""
+
+    def __init__(self, names: list[str], values: torch.Tensor) -> None:
+        self.names, self.values, self._host = names, values, None
+
+    @staticmethod
+    def read(records: list["StepRecord"]) -> list[dict[str, float]]:
+        rows = torch.stack([r.values for r in records]).tolist()  # the one host sync
+        for record, row in zip(records, rows, strict=True):
+            record._host = dict(zip(record.names, row, strict=True))
+        return [dict(r._host) for r in records]
+
+    def __getitem__(self, name: str) -> float:
+        if self._host is None:
+            StepRecord.read([self])
+        return self._host[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -106,7 +106,7 @@ def test_summarise_arithmetic():
 
 def test_cpu_counts_table_tiny():
     """bench/counts.py: per stage x AC x packing, minillava beside the baseline on the same batch. Packed without AC,
-    a step executes only the FLOPs it needs; every minillava step reads the device twice."""
+    a step executes only the FLOPs it needs; a minillava step reads the device once (its metrics, when it logs)."""
     from bench import counts
 
     rows = counts.main(["--tiny"])
@@ -116,9 +116,9 @@ def test_cpu_counts_table_tiny():
     full = [r for r in ours if r["stage"] == 2 and r["packing"]]
     assert [r["gradient_checkpointing"] for r in lora] == [False, True]
     for a, b in zip(lora, full, strict=True):  # adapters + projector only; the adapters' own activations show
-        assert a["host_reads_per_step"] == 2 and a["trainable_params"] < b["trainable_params"] / 5
+        assert a["host_reads_per_step"] == 1 and a["trainable_params"] < b["trainable_params"] / 5
         assert a["saved_bytes_per_token"] <= b["saved_bytes_per_token"] * 1.5
-    assert all(r["host_reads_per_step"] == 2 for r in ours)
+    assert all(r["host_reads_per_step"] == 1 for r in ours)
     for r in ours:
         if r["packing"] and not r["gradient_checkpointing"]:
             assert r["executed_over_needed_flops"] <= 1.02, r

@@ -24,6 +24,7 @@ from minillava.data import DataCollator, LazySupervisedDataset, load_image_proce
 from minillava.formats import load_mm_projector, read_settings, to_llava_key
 from minillava.model import build_llava_from_config
 from minillava.optim import build_optimizer
+from minillava.outputs import full_tensors
 from minillava.preemption import HOLD_HOOK
 from minillava.sampler import DistributedModalityLengthSampler
 
@@ -399,7 +400,7 @@ def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
         ckpt.save(1)
         _step(model, optimizer, scheduler, batch)
         ckpt.wait()  # checkpoint-1 was written in the background while that step changed the weights
-        expected = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        expected = {k: v.clone() for k, v in full_tensors(model)}
         for start in (0, 1):
             cfg.train.resume_from_checkpoint = os.path.join(out, f"checkpoint-{start}")
             model, optimizer, scheduler, ckpt = _build(cfg, info)
@@ -409,8 +410,8 @@ def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
             assert has_state == (set() if start == 0 else trainable - {unused})
             for s in range(start, 2):
                 _step(model, optimizer, scheduler, batch, drop=unused if s == 0 else None)
-            for k, v in model.state_dict().items():
-                assert torch.equal(v.full_tensor(), expected[k]), k
+            for k, v in full_tensors(model):
+                assert torch.equal(v, expected[k]), k
     finally:
         D.cleanup(info)
 
@@ -430,11 +431,11 @@ def test_a_save_is_written_while_training_goes_on(data, tmp_path, monkeypatch, b
         batch = _batch(data, cfg)
         model, optimizer, scheduler, ckpt = _build(cfg, info)
         _step(model, optimizer, scheduler, batch)
-        saved = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        saved = {k: v.clone() for k, v in full_tensors(model)}
         path = ckpt.save(1)
         assert os.path.isfile(os.path.join(path, MARKER)) != background
         _step(model, optimizer, scheduler, batch)
-        assert any(not torch.equal(v.full_tensor(), saved[k]) for k, v in model.state_dict().items())
+        assert any(not torch.equal(v, saved[k]) for k, v in full_tensors(model))
         gate.set()
         ckpt.wait()
         ckpt.close()
@@ -442,8 +443,8 @@ def test_a_save_is_written_while_training_goes_on(data, tmp_path, monkeypatch, b
         cfg.train.resume_from_checkpoint = path
         model, optimizer, scheduler, ckpt = _build(cfg, info)
         assert ckpt.resume() == 1
-        for k, v in model.state_dict().items():
-            assert torch.equal(v.full_tensor(), saved[k]), k
+        for k, v in full_tensors(model):
+            assert torch.equal(v, saved[k]), k
     finally:
         D.cleanup(info)
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import flags, write_llava_dataset
+from dist import run_distributed
 
 import train
 from minillava import distributed as D
@@ -93,13 +94,81 @@ def test_text_only_rank_does_not_hang(assets, tmp_path):
 
 def test_stage1_keeps_the_frozen_llm_and_tower_whole(assets, tmp_path):
     """Stage 1 shards only the projector: the frozen LLM and tower are plain, whole tensors on every rank (no
-    all-gather of frozen weights per step); stage 2 shards every decoder layer."""
+    all-gather of frozen weights per step); stage 2 shards every decoder layer and the root, and keeps the frozen
+    tower whole too (it was sharded before: all-gathered twice a step for no gradient)."""
     from torch.distributed.tensor import DTensor
 
-    for stage, sharded in ((1, {"mm_projector"}), (2, {"mm_projector", "llm", "vision_tower"})):
+    for stage, sharded in ((1, {"mm_projector"}), (2, {"mm_projector", "llm"})):
         _, info, model = _build(flags(assets, str(tmp_path / f"o{stage}"), stage=stage))
         try:
             kinds = {n.split(".")[0] for n, p in model.named_parameters() if isinstance(p, DTensor)}
             assert kinds == sharded, stage
         finally:
             D.cleanup(info)
+
+
+class AllGatherCount:
+    """Counts FSDP2's all-gathers (dist.all_gather_into_tensor, or all_gather_single in later torch; the outer call
+    only) made on this rank while active."""
+
+    NAMES = ("all_gather_into_tensor", "all_gather_single")
+
+    def __init__(self) -> None:
+        self.count, self._depth, self._originals = 0, 0, {}
+
+    def _wrap(self, fn):
+        def wrapper(*args, **kwargs):
+            self.count += self._depth == 0
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return wrapper
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                self._originals[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(self._originals[name]))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+
+
+def _count_all_gathers(rank, world, argv, out_dir):
+    from conftest import trainer_parts
+
+    cfg = parse_args(argv)
+    info = D.init_distributed()
+    model, optimizer, scheduler, stream = trainer_parts(cfg, info, 3)
+    counts = []
+    for _ in range(2):  # the first step includes FSDP2's lazy initialisation
+        with AllGatherCount() as counter:
+            train.train_step(model, [next(stream)[1]], optimizer, scheduler, cfg)
+        counts.append(counter.count)
+    with open(os.path.join(out_dir, f"gathers_{rank}.json"), "w") as f:
+        json.dump(counts, f)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("reshard", [True, False])
+def test_all_gathers_per_step_skip_the_frozen_tower(assets, tmp_path, reshard):
+    """Stage 2 on 2 ranks: each step all-gathers every decoder layer in forward (and again in backward when
+    --reshard_after_forward True, zero3.json) plus the root (embeddings, norm, lm_head, projector) once; the frozen
+    vision tower is kept whole on every rank, so it is never gathered (it was gathered in forward and again by
+    backward prefetch, for no gradient)."""
+    layers = 2  # conftest.tiny_llama_config
+    argv = flags(assets, str(tmp_path / "o"), stage=2, reshard_after_forward=reshard)
+    run_distributed(_count_all_gathers, tmp_path, argv, str(tmp_path))
+    expected = (2 if reshard else 1) * layers + 1
+    for rank in (0, 1):
+        with open(tmp_path / f"gathers_{rank}.json") as f:
+            assert json.load(f) == [expected, expected], rank
