@@ -27,16 +27,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk_size):
             hc, tc = h[s : s + chunk_size], targets[s : s + chunk_size]
             logits = (hc @ weight.T).float()  # (C, V): fp32 logits, as HF Llama's loss upcasts them
-            lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, tc[:, None])
+            # log-sum-exp with the (C, V) buffer reused in place (logsumexp would allocate another one)
+            top = logits.amax(-1, keepdim=True)
+            p = logits.sub_(top).exp_()  # exp(logits - max)
+            total = p.sum(-1, keepdim=True)
+            loss += (total.log() + top - target).sum()
             if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d CE / d logits = softmax - one_hot
+                g = p.div_(total)  # softmax, in place: d CE / d logits = softmax - one_hot
                 g.scatter_add_(1, tc[:, None], torch.full_like(g[:, :1], -1.0))
                 g = g.to(h.dtype)  # as autograd would cast it back through logits.float()
                 if need_h:
                     grad_h[s : s + chunk_size] = g @ weight
-                if need_w:
-                    grad_w += (g.T @ hc).float()
+                if need_w and g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.T, hc)
+                elif need_w:  # bf16: the (V, D) product added to the fp32 sum without an fp32 copy of it
+                    grad_w.add_(g.T @ hc)
+                del g
+            del logits, p  # before the next chunk's logits exist: one chunk's (C, V) buffers at a time
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return loss
 

@@ -40,6 +40,14 @@ class LlavaSettings:
     vision_tower: str | None = None
 
 
+def _input_to_own_dtype(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of the projector: its input in the dtype of its own weights at call time. Under FSDP2 (whose
+    pre-forward hook runs first) those are the gathered compute-dtype weights, so bf16 tower features go in as they
+    are; read before the call, they would be the sharded fp32 masters: a bf16 -> fp32 -> bf16 round trip."""
+    p = next(module.parameters(), None)
+    return None if p is None else tuple(a.to(p.dtype) for a in args)
+
+
 def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) -> nn.Module:
     """LLaVA's projector (builder.py L33-51): linear, mlp{N}x_gelu (exact GELU) or identity, with LLaVA's key names."""
     if projector_type == "linear":
@@ -96,6 +104,7 @@ class LlavaModel(nn.Module):
         self.llm, self.vision_tower = llm, vision_tower
         self.mm_projector = build_projector(mm_projector_type, vision_tower.config.hidden_size, llm.config.hidden_size)
         self.mm_projector.to(llm.get_input_embeddings().weight.dtype)
+        self.mm_projector.register_forward_pre_hook(_input_to_own_dtype)
         self.mm_projector_type, self.mm_vision_select_layer = mm_projector_type, mm_vision_select_layer
         self.mm_vision_select_feature, self.model_max_length = mm_vision_select_feature, model_max_length
         self.loss_chunk_size = loss_chunk_size
@@ -125,9 +134,7 @@ class LlavaModel(nn.Module):
             feats = self.vision_tower(pixel_values)  # (N, 1+P, C)
         if self.mm_vision_select_feature == "patch":
             feats = feats[:, 1:]  # drop CLS: (N, P, C), P = 576 at 336px
-        # Inside the root's forward the projector's parameters are the unsharded, compute-dtype ones under FSDP2.
-        proj_dtype = next(self.mm_projector.parameters(), feats).dtype
-        return self.mm_projector(feats.to(proj_dtype)).to(dtype)  # (N, P, D)
+        return self.mm_projector(feats).to(dtype)  # (N, P, D); its input cast: _input_to_own_dtype
 
     def layout(self, raw: dict[str, Tensor], padding_free: bool | None = None) -> Batch:
         """A LLaVA-collated batch in this model's final layout (host-side: what the training collator does)."""
@@ -180,27 +187,30 @@ class LlavaModel(nn.Module):
         if cu_seqlens is not None:  # one (1, N) sequence; attention stays inside each sample (attention.py)
             attn = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len)
             attn["segment_lengths"] = seq_lens  # host values for the CPU fallback's per-segment attention
-        else:  # right padding: the causal mask with the padded keys masked out; none when no sample is padded
+        else:  # right padding: SDPA's causal mask alone (see _causal_mask)
             attn = dict(attention_mask=None if attention_mask is None else self._causal_mask(attention_mask, embeds))
         out = self.llm.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **attn)
         hidden = out.last_hidden_state.flatten(0, 1)  # (B*T, D)
         return chunked_cross_entropy(hidden, label_pos, label_ids, self.llm.lm_head, self.loss_chunk_size)
 
-    def _causal_mask(self, attention_mask: Tensor, embeds: Tensor) -> Tensor:
-        """(B, T) padding mask -> the (B, 1, T, T) causal mask HF would build from it, made here on the device: given
-        a 2D mask, transformers' masking_utils reads it on the host every forward (_ignore_causal_mask_sdpa) to
-        decide whether SDPA may skip it. A 4D mask is used as given. FA2 keeps the 2D mask (it unpads from it)."""
+    def _causal_mask(self, attention_mask: Tensor, embeds: Tensor) -> Tensor | None:
+        """The attention mask of a right-padded (B, T) batch. SDPA: none. Every sample's padding follows its last
+        token, so the causal mask alone already keeps each real query off every padded key: real positions get
+        exactly what the padded mask gives them (padded positions carry no label), and with no mask SDPA may pick its
+        flash kernel (a boolean (B, 1, T, T) mask forces the memory-efficient one). FA2 keeps the 2D mask (it unpads
+        from it). Eager has no implicit causality: the (B, 1, T, T) additive mask HF would build, made here on the
+        device (given a 2D mask, transformers' masking_utils reads it on the host every forward)."""
         impl = self.llm.config._attn_implementation
         if impl == "flash_attention_2":
             return attention_mask
+        if impl != "eager":
+            return None
         T = attention_mask.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
         mask = causal[None, None] & attention_mask[:, None, None, :]  # (B, 1, T, T) True = attend
-        if impl == "eager":  # eager adds the mask to the scores
-            return torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(embeds.dtype).min
-            )
-        return mask
+        return torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(embeds.dtype).min
+        )
 
     @torch.no_grad()
     def init_non_pretrained(self) -> None:
