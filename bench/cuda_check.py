@@ -27,7 +27,7 @@ from minillava.outputs import complete_checkpoints  # noqa: E402
 
 OUTPUTS = {1: "mm_projector.bin", 2: "model.safetensors.index.json"}
 SAVE_STEPS = 2  # mid-run checkpoints, written in the background as a user's run writes them
-BF16_RTOL = 3e-2  # packed (varlen kernel) vs padded (masked SDPA) in bf16, same weights
+BF16_RTOL = 3e-2  # packed (varlen kernel) vs padded (causal SDPA) in bf16, same weights
 
 
 def run(work: str, stage: int, packing: bool, max_steps: int, timeout: int) -> dict:
