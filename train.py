@@ -6,6 +6,8 @@
 
 Also runs as a plain `python train.py ...` (a 1-rank process group). Read top to bottom: train_step, then main."""
 
+import functools
+import gc
 import math
 import os
 import random
@@ -48,8 +50,8 @@ NO_LABEL_STEPS = 20  # a run whose first steps train no label token at all stops
 def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Config, extra=None) -> StepRecord:
     """One optimizer step over gradient_accumulation_steps micro-batches. It reads nothing from the device: token
     counts are host ints from the layout, and the step's metrics are summed over ranks in one collective and left on
-    the device (a StepRecord: the loop reads a window of steps at once). extra: more per-rank host numbers (the
-    loop's FLOPs, tokens, stop flag) to sum in that collective."""
+    the device (a StepRecord: the loop reads a window of steps at once). extra(): more per-rank host numbers to sum
+    in that collective (the loop's FLOPs, tokens and stop flag), asked for after the optimizer step."""
     global_token = cfg.train.loss_reduction == "global_token"
     counts = [b.num_label_tokens for b in micro_batches]
     if global_token:  # every rank's label tokens of the whole step, before any backward (torchtitan style)
@@ -69,7 +71,8 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Con
     # llava: the mean of micro-batch means (/ ranks below); global_token: this rank's share of the global token mean.
     sums = {"loss": torch.stack(losses).sum(), "label_tokens": sum(counts), "empty_micro_batches": counts.count(0),
             "text_only_samples": sum(b.num_text_only for b in micro_batches),
-            "lost_label_tokens": sum(b.num_lost_labels for b in micro_batches), **(extra or {})}  # fmt: skip
+            "lost_label_tokens": sum(b.num_lost_labels for b in micro_batches)}  # fmt: skip
+    sums |= extra() if extra else {}
     reduced = D.all_reduce_on_device(list(sums.values()))
     if not global_token:
         reduced[0] /= D.world_size()
@@ -254,6 +257,13 @@ def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
         yield epoch, batch, lambda before=before, after=after: before.elapsed_time(after) / 1e3
 
 
+def loop_numbers(micro: list[Batch], flops: FlopModel, stop: StopRequest) -> dict[str, float]:
+    """The loop's per-rank numbers for train_step's reduction: the FLOPs and LLM tokens of the step's samples, and
+    whether this rank was asked to stop, read after the step (a stop asked during a step ends the run after it)."""
+    seq = [n for b in micro for n in b.seq_lens]
+    return {"flops": sum(map(flops.sample_flops, seq)), "tokens": sum(seq), "stop": float(stop.requested)}
+
+
 def read_window(window: list, seconds: float, global_batch: int, peak: float | None, info: D.DistInfo) -> list:
     """The steps queued since the last read, read from the device in one host sync, with the loop's measures. The
     host ran ahead of the device in between, so the window's wall time is shared evenly by its steps."""
@@ -369,11 +379,10 @@ def main(argv: list[str] | None = None) -> None:
             micro = [batch for _, batch, _ in items]
             t_data = time.perf_counter() - t0  # the host waiting for the DataLoader
             lrs = group_lrs(optimizer)  # the lrs this step uses (the scheduler moves them on inside train_step)
-            seq = [n for b in micro for n in b.seq_lens]
             # The loop's numbers ride the step's one reduction, which also tells every rank whether any was asked
             # to stop. It is read (one host sync) only on steps that log, save or end the run: in between, the host
             # queues step after step and the device never waits for it.
-            extra = {"flops": sum(map(flops.sample_flops, seq)), "tokens": sum(seq), "stop": float(stop.requested)}
+            extra = functools.partial(loop_numbers, micro, flops, stop)
             window.append((train_step(model, micro, optimizer, scheduler, cfg, extra), lrs, t_data, items))
             log = (step + 1) % t.logging_steps == 0 or step == 0
             if log or step + 1 == total_steps or (t.save_steps > 0 and (step + 1) % t.save_steps == 0):
@@ -416,6 +425,10 @@ def main(argv: list[str] | None = None) -> None:
             lock.close()  # releases the lock (a killed run's lock goes with its process)
         stop.close()
         D.cleanup(info)
+        # The model, optimizer and process groups sit in reference cycles (FSDP2's hooks): free them now, in this
+        # process, so a later main() in it (tests, notebooks) starts clean and its DataLoader workers, forked
+        # with them, never run their destructors (one did, and segfaulted, in test_faults).
+        gc.collect()
 
 
 def cli(argv: list[str]) -> int:
