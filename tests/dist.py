@@ -3,6 +3,7 @@
 Workers return results by writing files under tmp_path (torch.save); passing tensors back through an mp Queue fails
 once the producing process exits (ConnectionRefusedError)."""
 
+import gc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,9 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], 
     try:
         fn(rank, world_size, *args)
     finally:
+        # What fn built (FSDP2 modules sit in reference cycles holding the group) is freed while the group is alive;
+        # left to interpreter exit, a gloo group's threads could be torn down unjoined (SIGABRT, "terminate called").
+        gc.collect()
         dist.destroy_process_group()
 
 
