@@ -110,7 +110,7 @@ def all_reduce_on_device(values: list[float | torch.Tensor], op: str = "sum") ->
 
 
 def all_reduce(values: list[float | torch.Tensor], op: str = "sum") -> list[float]:
-    """all_reduce_on_device, read back as Python floats: one host sync. Used for logging and token counts."""
+    """all_reduce_on_device, read back as Python floats: one host sync (the benchmarks; the loop reads StepRecords)."""
     return all_reduce_on_device(values, op).tolist()
 
 

@@ -39,8 +39,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = g.to(h.dtype)  # as autograd would cast it back through logits.float()
                 if need_h:
                     grad_h[s : s + chunk_size] = g @ weight
-                if need_w and g.dtype == grad_w.dtype:
-                    grad_w.addmm_(g.T, hc)
+                if need_w and g.dtype == grad_w.dtype:  # out=, not addmm_: FlopCounterMode counts this one
+                    torch.addmm(grad_w, g.T, hc, out=grad_w)
                 elif need_w:  # bf16: the (V, D) product added to the fp32 sum without an fp32 copy of it
                     grad_w.add_(g.T @ hc)
                 del g
