@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             extra = functools.partial(loop_numbers, micro, flops, stop)
             window.append((train_step(model, micro, optimizer, scheduler, cfg, extra), lrs, t_data, items))
             log = (step + 1) % t.logging_steps == 0 or step == 0
-            if log or step + 1 == total_steps or (t.save_steps > 0 and (step + 1) % t.save_steps == 0):
+            if log or step + 1 == total_steps or ckpt.due(step + 1):
                 rows = read_window(window, time.perf_counter() - t_window, global_batch, peak, info)
                 stopping = any(row.pop("stop") for row in rows)
                 for done, row in enumerate(rows, step + 2 - len(rows)):

@@ -219,6 +219,10 @@ class Checkpointer:
         if t.async_save:
             self._stager = HostStager(pin_memory=torch.cuda.is_available())
 
+    def due(self, step: int) -> bool:
+        """Whether --save_steps makes checkpoint-<step> due."""
+        return self.cfg.train.save_steps > 0 and step % self.cfg.train.save_steps == 0
+
     def save_if_due(self, step: int) -> str | None:
         """After each step: raise the error of a failed background save (poll), then start checkpoint-<step> if
         --save_steps makes it due; returns its path, or None when none was due."""
@@ -231,7 +235,7 @@ class Checkpointer:
             # and that save stops training no longer than the later ones.
             self._stager.stage(self._state())
             self._staged = True
-        return self.save(step) if step % self.cfg.train.save_steps == 0 else None
+        return self.save(step) if self.due(step) else None
 
     def save(self, step: int) -> str:
         """Start checkpoint-<step> (collective) and return its path. It returns once the state is copied to host
