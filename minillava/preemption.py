@@ -4,9 +4,9 @@ kill a job, and a torchrun agent that died (kill -9) under its workers.
 Either one only sets a flag (StopRequest.reason). train.py folds the flag into the all-reduce every step already
 makes and reads it with the step's other metrics, on the steps that log (every --logging_steps), save or end the
 run, so all ranks see it after the same step; there they write a checkpoint and exit with EXIT_CODE, and the same
-command with --resume_from_checkpoint auto continues as if nothing happened. Mind the grace period: torchrun SIGKILLs its workers
-30 s after forwarding SIGTERM (SLURM: KillWait, Kubernetes: terminationGracePeriodSeconds), so up to
---logging_steps steps (1 in LLaVA's scripts) plus one checkpoint save must fit in it.
+command with --resume_from_checkpoint auto continues as if nothing happened. Mind the grace period: torchrun
+SIGKILLs its workers 30 s after forwarding SIGTERM (SLURM: KillWait, Kubernetes: terminationGracePeriodSeconds), so
+up to --logging_steps steps (1 in LLaVA's scripts) plus one checkpoint save must fit in it.
 """
 
 import atexit
