@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 train.py --stage 2 [LLaVA flags...]   # LLM + projector finetune (finetune.sh)
     bash configs/llava_v15_7b_lora.sh                                 # LoRA + projector (finetune_lora.sh)
 
-Also runs as a plain `python train.py ...` (a 1-rank process group). Read top to bottom: train_step, then main."""
+Also runs as a plain `python train.py ...` (a 1-rank process group). One optimizer step and the model it trains are
+minillava/step.py's (train_step, build_model); this file reads top to bottom: the data, the loop, main."""
 
 import functools
 import gc
@@ -22,62 +23,26 @@ from torch.utils.data import DataLoader
 from minillava import distributed as D
 from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
-from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
+from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer, longest_samples
 from minillava.formats import (
     check_model_files,
     check_paths,
     download,
-    initial_state,
     local_folder,
     model_names,
     run_configs,
     run_manifest,
-    run_settings,
 )
 from minillava.layout import Batch, LayoutCollator
-from minillava.lora import add_lora, initial_lora_state
-from minillava.memory import device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, MetricsLogger, StepRecord, device_peak_flops, peak_memory_gb
-from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
+from minillava.model import image_tokens
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
 from minillava.outputs import DISK_FULL, lock_output_dir, new_dirs, next_steps, save_final, unclaim_output_dir
 from minillava.preemption import EXIT_CODE, Preempted, StopRequest, ignore_sigterm
 from minillava.sampler import DistributedModalityLengthSampler
+from minillava.step import build_model, train_step
 
 NO_LABEL_STEPS = 20  # a run whose first steps train no label token at all stops (nothing would be learnt)
-
-
-def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Config, extra=None) -> StepRecord:
-    """One optimizer step over gradient_accumulation_steps micro-batches. It reads nothing from the device: token
-    counts are host ints from the layout, and the step's metrics are summed over ranks in one collective and left on
-    the device (a StepRecord: the loop reads a window of steps at once). extra(): more per-rank host numbers to sum
-    in that collective (the loop's FLOPs, tokens and stop flag), asked for after the optimizer step."""
-    global_token = cfg.train.loss_reduction == "global_token"
-    counts = [b.num_label_tokens for b in micro_batches]
-    if global_token:  # every rank's label tokens of the whole step, before any backward (torchtitan style)
-        n_step = D.all_reduce_on_device([float(sum(counts))]).clamp(min=1)  # stays on the device: no host read
-    losses = []
-    for batch in micro_batches:
-        loss_sum, n_tok = model(**batch)
-        # The one place the loss is normalised. llava (default, LLaVA's HF Trainer): token mean per micro-batch, / GA
-        # here, and FSDP averages over ranks. global_token: sum / all label tokens of the step (FSDP sums).
-        loss = loss_sum / n_step if global_token else loss_sum / max(n_tok, 1) / len(micro_batches)
-        loss.backward()  # a fully masked micro-batch has loss 0 and zero gradients, never NaN
-        losses.append(loss.detach())
-    grad_norms = D.clip_grad_norm(model, cfg.train.max_grad_norm)  # the total and per component (llm, projector)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    # llava: the mean of micro-batch means (/ ranks below); global_token: this rank's share of the global token mean.
-    sums = {"loss": torch.stack(losses).sum(), "label_tokens": sum(counts), "empty_micro_batches": counts.count(0),
-            "text_only_samples": sum(b.num_text_only for b in micro_batches),
-            "lost_label_tokens": sum(b.num_lost_labels for b in micro_batches)}  # fmt: skip
-    sums |= extra() if extra else {}
-    reduced = D.all_reduce_on_device(list(sums.values()))
-    if not global_token:
-        reduced[0] /= D.world_size()
-    norms = torch.stack(list(grad_norms.values())).to(reduced)
-    return StepRecord([*sums, *grad_norms], torch.cat([reduced, norms]))
 
 
 def seed_everything(seed: int) -> None:
@@ -86,106 +51,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def meta_model(cfg: Config, llm_config, vision_config) -> LlavaModel:
-    """The run's LlavaModel on the meta device (no memory yet), frozen as the stage requires."""
-    m, t = cfg.model, cfg.train
-    with torch.device("meta"):
-        model = build_llava_from_config(
-            llm_config,
-            vision_config,
-            run_settings(cfg),
-            attn_implementation=t.attn_implementation,
-            padding_free=t.padding_free,
-        )
-        if t.lora_enable:  # adapters on every Linear of the LLM body (find_all_linear_names)
-            add_lora(model.llm.model, t.lora_r, t.lora_alpha, t.lora_dropout)
-    set_trainable(
-        model,
-        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
-        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
-        freeze_backbone=m.freeze_backbone,
-        lora=t.lora_enable,
-    )
-    return model
-
-
-def init_random_weights(model: LlavaModel, device: torch.device, seed: int) -> None:
-    """Materialise a sharded model on `device` with seeded random weights (no file is read): N(0, 0.02) matrices,
-    zero biases, unit norm weights, then the non-pretrained init. Each rank draws its own local shard."""
-    model.to_empty(device=device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            if name.endswith("bias"):
-                local.zero_()
-            elif p.ndim == 1:  # norm weights
-                local.fill_(1.0)
-            else:
-                local.normal_(0.0, 0.02)
-        model.init_non_pretrained()  # RoPE / CLIP position buffers, projector default init
-
-
-def build_model(
-    cfg: Config,
-    info: D.DistInfo,
-    configs: tuple | None = None,
-    *,
-    random_weights_seed: int | None = None,
-    checkpoint_layers: int | None = None,
-):
-    """Meta-device build -> freeze -> compile -> checkpointing -> fully_shard -> weights streamed from rank 0.
-
-    configs: (llm_config, vision_config), default the flags' folders (formats.run_configs). random_weights_seed:
-    read no weights, materialise seeded random ones (bench/bench.py). checkpoint_layers: with
-    --gradient_checkpointing True, only the first K blocks (bench/bench.py --checkpoint_layers)."""
-    t = cfg.train
-    llm_config, vision_config = configs or run_configs(cfg)
-    model = meta_model(cfg, llm_config, vision_config)
-    D.print0(parameter_report(model))
-    flops = FlopModel.from_model(model)
-    if t.bf16:  # frozen weights need no fp32 master copy: store them in bf16 (LLaVA moves the tower to bf16 too)
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    if t.torch_compile:  # each block's forward; AC then checkpoints the compiled forward, FSDP2's hooks stay outside
-        D.compile_blocks(model.decoder_layers(), t.torch_compile_backend)
-    plan = plan_checkpointing(model, t, info.world_size, device_memory(info.device))
-    D.print0(plan.describe())
-    if t.gradient_checkpointing:  # True: every layer (or bench's first checkpoint_layers); auto: the plan's
-        k = plan.layers if t.gradient_checkpointing == "auto" else checkpoint_layers
-        D.apply_activation_checkpointing(model.decoder_layers()[:k])
-    global_token = t.loss_reduction == "global_token"
-    D.apply_fsdp(
-        model,
-        bf16=t.bf16,
-        reshard_after_forward=t.reshard_after_forward,
-        sum_gradients=global_token,
-        mesh=D.device_mesh(info.device, t.hsdp),
-    )
-    if random_weights_seed is not None:
-        init_random_weights(model, info.device, random_weights_seed)
-        return model, flops
-    state = initial_state(cfg, llm_config, vision_config) if info.is_main else None
-    if state is not None and t.lora_enable:  # fresh adapters (B = 0: the run starts at the base model)
-        state |= initial_lora_state(model, t.seed)
-    D.materialize_and_load(model, state, info.device)  # only rank 0 read the files; the others get their shards
-    return model, flops
-
-
-def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_image_tokens: int):
-    """LLaVA's dataset + collator; the sampler gives each rank its micro-batches of LLaVA's grouped order."""
-    d, t = cfg.data, cfg.train
-    dataset = LazySupervisedDataset(
+def build_dataset(cfg: Config, tokenizer, image_processor, num_image_tokens: int) -> LazySupervisedDataset:
+    d = cfg.data
+    return LazySupervisedDataset(
         d.data_path,
         tokenizer,
         image_processor,
         image_folder=d.image_folder,
         version=cfg.model.version,
         image_aspect_ratio=d.image_aspect_ratio,
-        model_max_length=t.model_max_length,
+        model_max_length=cfg.train.model_max_length,
         image_tokens=num_image_tokens,
     )
+
+
+def largest_micro_batch(cfg: Config, dataset: LazySupervisedDataset) -> list[int]:
+    """The LLM lengths of the largest micro-batch the sampler can make (the memory plan's): the longest samples."""
+    t = cfg.train
+    return longest_samples(dataset.records, t.per_device_train_batch_size, tokenizer=dataset.tokenizer,
+                           version=dataset.version, image_tokens=dataset.image_tokens, max_len=t.model_max_length)
+
+
+def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_image_tokens: int, dataset=None):
+    """LLaVA's dataset (or `dataset`, built by build_dataset) + collator; the sampler gives each rank its
+    micro-batches of LLaVA's grouped order."""
+    t = cfg.train
+    dataset = dataset or build_dataset(cfg, tokenizer, image_processor, num_image_tokens)
     lengths = dataset.modality_lengths if t.group_by_modality_length else dataset.lengths
     sampler = DistributedModalityLengthSampler(
         lengths,
@@ -338,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         m = cfg.model  # its flags keep the names given (a hub id is recorded as such); files come from local folders
         tokenizer = load_tokenizer(local_folder(m.model_name_or_path, "--model_name_or_path"), t.model_max_length)
         image_processor = load_image_processor(local_folder(m.vision_tower, "--vision_tower"))
-        model, flops = build_model(cfg, info)
-        loader, sampler = build_loader(cfg, tokenizer, image_processor, info, model.num_image_tokens)
+        configs = run_configs(cfg)
+        dataset = build_dataset(cfg, tokenizer, image_processor, image_tokens(configs[1], m.mm_vision_select_feature))
+        model, flops = build_model(cfg, info, configs, lengths=largest_micro_batch(cfg, dataset))
+        loader, sampler = build_loader(cfg, tokenizer, image_processor, info, model.num_image_tokens, dataset)
         ga = t.gradient_accumulation_steps
         total_steps = num_training_steps(
             sampler.steps_per_epoch, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps

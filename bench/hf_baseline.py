@@ -29,10 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO:  # `python bench/hf_baseline.py` from anywhere; first, even when PYTHONPATH has it, so that
     sys.path.insert(0, REPO)  # `bench` is the package, not bench/bench.py beside this script
 
-import train  # noqa: E402
 from bench import bench as B  # noqa: E402
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from minillava.metrics import FlopModel, device_peak_flops  # noqa: E402
+from minillava.step import meta_model  # noqa: E402
 
 IMAGE_ID = 2  # HF's image token: an id the synthetic text never draws (bench.make_batch draws 3..vocab-1)
 
@@ -116,7 +116,7 @@ def measure(args) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     with tempfile.TemporaryDirectory() as out:
         cfg = B.bench_config(args, out)  # minillava's settings for this stage: the same batches, FLOPs and lengths
-    flops = FlopModel.from_model(train.meta_model(cfg, *B.model_configs(args)))
+    flops = FlopModel.from_model(meta_model(cfg, *B.model_configs(args)))
     image_tokens, max_len = flops.image_tokens, cfg.train.model_max_length
     llm_cfg, vis_cfg = B.model_configs(args)
     batches = B.make_batches(cfg, args, vis_cfg.image_size, llm_cfg.vocab_size)

@@ -9,6 +9,7 @@ nn.attention.varlen.varlen_attn; elsewhere (CPU, fp32) causal SDPA on each segme
 the CPU tests. Shapes: `# (N, H, Dh)` comments.
 """
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -68,15 +69,28 @@ def _repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return tuple(x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
 
 
+_AS_ON_CUDA = [False]
+
+
+@contextlib.contextmanager
+def as_on_cuda():
+    """Choose the backend CUDA tensors would get (minillava.plan traces on fake CPU tensors)."""
+    _AS_ON_CUDA[0] = True
+    try:
+        yield
+    finally:
+        _AS_ON_CUDA[0] = False
+
+
 def resolve_backend(q: Tensor, backend: str = "auto") -> str:
     """auto: flash_attn (if installed), else torch's varlen_attn, for CUDA bf16/fp16; sdpa (masked) otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"varlen attention backend {backend!r}: expected one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+    if not ((q.is_cuda or _AS_ON_CUDA[0]) and q.dtype in (torch.bfloat16, torch.float16)):
         return "sdpa"  # the flash kernels have no fp32 and no CPU version
-    if _has_flash_attn():
+    if _has_flash_attn() and not _AS_ON_CUDA[0]:  # the planner's fake tensors take torch's kernel
         return "flash_attn"
     return "torch" if _torch_varlen() is not None else "sdpa"
 

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from minillava.constants import IGNORE_INDEX
+from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
 from minillava.formats import read_records_cache, records_cache_dir, write_records_cache
 from minillava.layout import supervised_tokens
@@ -219,6 +219,32 @@ def describe(i: int, record: Any, data_path: str) -> str:
     """How every data error names its sample: "sample 3 (id='x') of data.json"."""
     rid = record.get("id", "?") if isinstance(record, dict) else "?"
     return f"sample {i} (id={rid!r}) of {data_path}"
+
+
+TOKENS_PER_WORD = 1.6  # LLM tokens per whitespace word, an upper estimate (no tokenizer at hand)
+TEMPLATE_TOKENS = 64  # the template's system prompt and role tokens, an upper estimate
+
+
+def longest_samples(records: RecordFile, count: int, *, tokenizer: Tokenizer | None, version: str, image_tokens: int,
+                    max_len: int) -> list[int]:  # fmt: skip
+    """LLM lengths (images expanded, truncated to max_len) of the `count` longest samples: the largest micro-batch
+    the sampler can make holds no more. The candidates are the 4 x count longest by LLaVA's word lengths; each is
+    tokenized with the run's template (no image is read), or, with no tokenizer, estimated from its words
+    (TOKENS_PER_WORD, TEMPLATE_TOKENS). Samples that do not tokenize are left to the training loop to report."""
+    words = np.where(records.words == WORDS_INVALID, 0, np.abs(records.words.astype(np.int64)))
+    has_image = records.words > 0
+    order = np.argsort(-(words + IMAGE_LENGTH * has_image), kind="stable")[: 4 * count]
+    out = []
+    for i in order.tolist():
+        n = int(has_image[i]) * image_tokens + int(words[i] * TOKENS_PER_WORD) + TEMPLATE_TOKENS
+        if tokenizer is not None:
+            try:
+                ids, _ = preprocess(records[i]["conversations"], tokenizer, version, bool(has_image[i]))
+            except (TokenizationMismatch, ValueError, KeyError, TypeError):
+                continue
+            n = len(ids) + sum(t == IMAGE_TOKEN_INDEX for t in ids) * (image_tokens - 1)
+        out.append(min(n, max_len))
+    return sorted(out, reverse=True)[:count]
 
 
 class LazySupervisedDataset(Dataset):

@@ -1,16 +1,21 @@
 """How many decoder layers to checkpoint: an analytic per-rank memory estimate (no torch.distributed).
 
---gradient_checkpointing auto checkpoints the fewest decoder layers whose estimate fits the device; True keeps
-LLaVA's meaning (every layer), False none. The estimate, per rank:
-  static: trainable parameters as fp32 masters + fp32 gradients + AdamW's two fp32 moments, frozen ones in their
-    stored dtype, all sharded over the FSDP world; plus the gathered compute-dtype weights FSDP2 holds at a time
-    (the root's embeddings and lm_head, the tower, two decoder layers: the current one and the prefetched one).
-  activations: per token of the longest micro-batch (per_device_train_batch_size x model_max_length), per decoder
-    layer, what autograd saves for the backward (saved_per_token), or only the layer's input when checkpointed (the
-    first k layers are; the backward recomputes them one at a time once the others are freed); plus a loss chunk.
-saved_per_token counts the tensors a LlamaDecoderLayer saves, by storage, as measured with saved-tensor hooks
-(tests/test_memory.py, exact on three shapes): a frozen linear saves no activation (its input gradient needs only
-the weight), so a frozen layer keeps 4D + 2 D_kv + 3I + small terms per token and a trained one 4D + I more.
+--gradient_checkpointing auto checkpoints the fewest decoder layers whose estimate fits the device's BUDGET; True
+keeps LLaVA's meaning (every layer), False none. The estimate follows what a rank holds at its peak, laid out as
+distributed.apply_fsdp lays it out (checked against traces of the real step: `python -m minillava.plan`, and
+tests/test_memory.py on a grid of configs):
+  static: trainable parameters as fp32 masters + fp32 gradients + AdamW's two fp32 moments, sharded over the shard
+    group (every rank, or with --hsdp the ranks of a node); frozen weights in their stored dtype, sharded when they
+    sit in an FSDP unit (LoRA's base weights) and whole when they do not (the tower; stage 1's whole LLM).
+  gathered: the compute-dtype copies FSDP2 all-gathers: the root unit (embeddings, norm, lm_head, projector) for the
+    whole step, and two decoder layers at a time (the current and the prefetched one), or, with
+    --reshard_after_forward False, every layer from its forward to its backward.
+  activations: per token of the largest micro-batch, per decoder layer, what autograd saves for the backward
+    (saved_bytes_per_token, measured with saved-tensor hooks in tests/test_memory.py), or only the layer's input for
+    a checkpointed one (the first k layers are; the backward recomputes one at a time once the others are freed).
+  working set: the larger of the loss's (a (C, V) logits chunk in fp32 and in the compute dtype, lm_head's fp32
+    gradient) and one layer's backward (its weight gradients unsharded, their fp32 copy for the reduce-scatter,
+    and the gradients of its largest intermediates).
 """
 
 import os
@@ -22,17 +27,20 @@ from torch import nn
 BUDGET = 0.85  # of the device's memory: headroom for the allocator's fragmentation and the collectives' buffers
 
 
-def saved_per_token(llm_config, trained: bool) -> int:
-    """Elements one decoder layer saves for the backward, per token (activation dtype; fp32 statistics included)."""
+def saved_bytes_per_token(llm_config, trained: bool, bf16: bool) -> int:
+    """Bytes one decoder layer saves for the backward, per token.
+
+    fp32: both norms' inputs and q / attention output (4D), k and v, the MLP's gate, up and SiLU(gate) (3I), rotary
+    cos and sin, the log-sum-exp, the norms' rstd; a trained layer also keeps its linears' inputs and the norms'
+    normalised states (4D + I). bf16: the same in 2 bytes, except that each RMSNorm keeps an fp32 copy of its input
+    (LlamaRMSNorm upcasts) and the attention output is saved twice (the kernel's, and o_proj's contiguous input)."""
     D, inter, H = llm_config.hidden_size, llm_config.intermediate_size, llm_config.num_attention_heads
     kv = getattr(llm_config, "num_key_value_heads", None) or H
     head = getattr(llm_config, "head_dim", None) or D // H
-    # frozen: both norms' inputs and q / attention output (4D), k and v, the MLP's gate, up and SiLU(gate) (3I), rotary
-    # cos and sin, the log-sum-exp, the norms' rstd
-    n = 4 * D + 2 * kv * head + 3 * inter + 2 * head + H + 2
-    # trained: the linears' inputs (both normed states, the attention output, the gated product) and the norms'
-    # normalised states their weights' gradients need
-    return n + (4 * D + inter if trained else 0)
+    if not bf16:
+        return 4 * (4 * D + 2 * kv * head + 3 * inter + 2 * head + H + 2 + (4 * D + inter if trained else 0))
+    frozen = 12 * D + 4 * kv * head + 6 * inter + 4 * H + 4 * head + 8
+    return frozen + (8 * D + 2 * inter if trained else 0)
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,11 @@ class CheckpointPlan:
     mode: str  # what was asked: True, False or auto
 
     def describe(self) -> str:
-        gb = 1e9
+        gib = 2**30
         return (
-            f"activation checkpointing ({self.mode}): {self.layers} of {self.total_layers} decoder layers; "
-            f"memory estimate {self.estimate_bytes / gb:.1f} GB of a {self.budget_bytes / gb:.1f} GB budget per rank"
+            f"memory plan: peak {self.estimate_bytes / gib:.1f} GiB per rank on a "
+            f"{self.budget_bytes / BUDGET / gib:.1f} GiB device ({BUDGET:.0%} of it usable); activation "
+            f"checkpointing ({self.mode}): {self.layers} of {self.total_layers} decoder layers"
         )
 
 
@@ -58,35 +67,72 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def micro_batch_tokens(lengths: list[int], padding_free: bool) -> int:
+    """LLM positions a micro-batch of samples with these lengths takes: their sum packed, batch x longest padded."""
+    return sum(lengths) if padding_free else len(lengths) * max(lengths, default=0)
+
+
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def plan_checkpointing(model: nn.Module, train_args, world_size: int, device_bytes: int) -> CheckpointPlan:
-    """The plan for `model` (meta-built LlavaModel, trainable set applied) under `train_args`."""
-    t, layers = train_args, model.decoder_layers()
+def estimate(model: nn.Module, train_args, shard_group: int, lengths: list[int], checkpointed: int) -> int:
+    """Peak bytes per rank of `model` (meta-built LlavaModel, trainable set applied, frozen weights in their stored
+    dtype) with `checkpointed` layers checkpointed, for a micro-batch of samples with these LLM lengths."""
+    t, layers, cfg = train_args, model.decoder_layers(), model.llm.config
+    tokens = micro_batch_tokens(lengths, t.padding_free)
+    img = model.num_image_tokens  # a sample longer than an image holds one; the rest of it may all be labels
+    labels = sum(n - img if n > img else n for n in lengths)
     n_layers, act = len(layers), 2 if t.bf16 else 4
     params = list(model.parameters())
+    llm_trains = any(p.requires_grad for p in model.llm.parameters())
+    # distributed.apply_fsdp: with the LLM trained everything but the tower is sharded; else only the projector
+    tower = {id(p) for p in model.vision_tower.parameters()}
+    in_units = [p for p in params if id(p) not in tower] if llm_trains else list(model.mm_projector.parameters())
+    unit_ids = {id(p) for p in in_units}
     trainable = _numel(p for p in params if p.requires_grad)
-    frozen = _numel(p for p in params if not p.requires_grad)
-    static = (trainable * 16 + frozen * (2 if t.bf16 else 4)) // world_size
-    layer_params = _numel(layers[0].parameters())
-    gathered = act * (_numel(params) - n_layers * layer_params + 2 * layer_params)
-    tokens = t.per_device_train_batch_size * t.model_max_length
-    cfg = model.llm.config
-    full = saved_per_token(cfg, any(p.requires_grad for p in layers[0].parameters())) * act
-    logits = 2 * 2048 * cfg.vocab_size * 4  # a loss chunk's fp32 logits and softmax
-    fixed = static + gathered + logits + tokens * cfg.hidden_size * act * 2  # + embeddings and the final norm
+    sharded_frozen = sum(p.numel() * p.element_size() for p in in_units if not p.requires_grad)
+    whole = sum(p.numel() * p.element_size() for p in params if id(p) not in unit_ids)
+    masters = (12 * trainable + sharded_frozen) // shard_group + whole  # weights and AdamW's moments
+    grads = 4 * trainable // shard_group
+    layer = _numel(layers[0].parameters()) if llm_trains else 0
+    root = act * (_numel(in_units) - n_layers * layer)  # the root unit gathered (stage 1: the projector)
+    gathered = act * layer * (n_layers if not t.reshard_after_forward else min(2, n_layers))
+    trained_layer = any(p.requires_grad for p in layers[0].parameters())
+    full = saved_bytes_per_token(cfg, trained_layer, t.bf16)
+    D, V, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    # outside the layers: the embeddings, the final norm's saved input and output, the labelled rows' hidden states
+    outside = tokens * D * (act * 3 + 4 * (act == 2))
+    loss = min(labels, model.loss_chunk_size) * V * (4 + (act == 2) * 2)  # fp32 logits + the compute-dtype ones
+    head_grad = V * D * (4 + act) if model.llm.lm_head.weight.requires_grad else 0
+    layer_backward = tokens * (2 * inter + 2 * D) * act + (layer * (act + 4) if trained_layer else 0)
+    k = checkpointed
+    saved = tokens * ((n_layers - k) * full + k * D * act)
+    base = masters + root + outside
+    phases = {
+        "forward end (the loss)": base + gathered + saved + loss + head_grad,
+        "backward, last layer": base + gathered + saved + head_grad + layer_backward,
+        # the backward reaches the checkpointed layers: n - k layers' gradients made, their activations freed
+        "backward, first recompute": base + grads * (n_layers - k) // max(n_layers, 1) + tokens * k * D * act
+        + tokens * full * (k > 0) + layer_backward + 2 * act * layer,
+        "optimizer step": base + grads,
+    }
+    return max(phases.values())
 
-    def estimate(k: int) -> int:
-        # The first k layers are checkpointed: the backward frees the last n - k layers' activations before it
-        # recomputes any checkpointed one, so the peak holds (n - k) layers' activations, or one recomputed layer.
-        return fixed + tokens * (max(n_layers - k, 1 if k else 0) * full + k * cfg.hidden_size * act)
 
+def plan_checkpointing(
+    model: nn.Module, train_args, shard_group: int, device_bytes: int, lengths: list[int] | None = None
+) -> CheckpointPlan:
+    """The plan for `model` (meta-built LlavaModel, trainable set applied) under `train_args`. shard_group: ranks
+    each sharded parameter is split over; lengths: the LLM lengths of the largest micro-batch's samples (default
+    per_device_train_batch_size samples of model_max_length)."""
+    t, n_layers = train_args, len(model.decoder_layers())
+    lengths = lengths or [t.model_max_length] * t.per_device_train_batch_size
     budget = int(device_bytes * BUDGET)
     mode = t.gradient_checkpointing
     if mode == "auto":
-        k = next((k for k in range(n_layers + 1) if estimate(k) <= budget), n_layers)
+        fits = (k for k in range(n_layers + 1) if estimate(model, t, shard_group, lengths, k) <= budget)
+        k = next(fits, n_layers)
     else:
         k = n_layers if mode else 0
-    return CheckpointPlan(k, n_layers, estimate(k), budget, str(mode))
+    return CheckpointPlan(k, n_layers, estimate(model, t, shard_group, lengths, k), budget, str(mode))

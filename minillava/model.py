@@ -76,6 +76,11 @@ def _select_layer_forward(tower: CLIPVisionModel, pixel_values: Tensor, *, num_l
     return h
 
 
+def image_tokens(vision_config, select_feature: str = "patch") -> int:
+    """LLM positions one image takes: P patches (576 at 336px/14), plus CLS for cls_patch."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + (select_feature == "cls_patch")
+
+
 class LlavaModel(nn.Module):
     """LlavaLlamaForCausalLM (llava_llama.py) as composition: `.llm`, `.vision_tower` (frozen), `.mm_projector`.
 
@@ -115,9 +120,7 @@ class LlavaModel(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        """LLM positions one image takes: P patches (576 at 336px/14), plus CLS for cls_patch."""
-        cfg = self.vision_tower.config
-        return (cfg.image_size // cfg.patch_size) ** 2 + (self.mm_vision_select_feature == "cls_patch")
+        return image_tokens(self.vision_tower.config, self.mm_vision_select_feature)
 
     @property
     def padding_free(self) -> bool:

@@ -65,8 +65,11 @@ def num_training_steps(steps_per_epoch: int, *, num_train_epochs: float, max_ste
     return max_steps if max_steps > 0 else math.ceil(num_train_epochs * steps_per_epoch)
 
 
-def build_optimizer(model: nn.Module, train_args: TrainArgs, total_steps: int) -> tuple[torch.optim.AdamW, LambdaLR]:
-    """torch AdamW over param_groups plus the per-step LambdaLR; call scheduler.step() after every optimizer step."""
+def build_optimizer(
+    model: nn.Module, train_args: TrainArgs, total_steps: int, fused: bool | None = None
+) -> tuple[torch.optim.AdamW, LambdaLR]:
+    """torch AdamW over param_groups plus the per-step LambdaLR; call scheduler.step() after every optimizer step.
+    fused: AdamW's fused kernel (default: when every parameter is on CUDA; the planner asks for it on fake ones)."""
     groups = param_groups(
         model,
         weight_decay=train_args.weight_decay,
@@ -76,10 +79,9 @@ def build_optimizer(model: nn.Module, train_args: TrainArgs, total_steps: int) -
     if not groups:
         raise ValueError("no trainable parameters: check --tune_mm_mlp_adapter / --freeze_* flags")
     # fused needs every param on CUDA (DTensor.device is its local shard's device); elsewhere torch's default.
-    on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(
-        groups, lr=train_args.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True if on_cuda else None
-    )
+    if fused is None:
+        fused = all(p.device.type == "cuda" for g in groups for p in g["params"]) or None
+    optimizer = torch.optim.AdamW(groups, lr=train_args.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
     warmup = warmup_steps(total_steps, train_args.warmup_ratio)
     # LambdaLR applies lr_multiplier(0) = 0 at construction: LLaVA's first update runs with lr 0 (HF's cosine schedule).
     scheduler = LambdaLR(optimizer, partial(lr_multiplier, warmup_steps=warmup, total_steps=total_steps))
