@@ -81,30 +81,31 @@ class _Tracker(MemTracker):
         def remove(self) -> None:
             pass
 
-    class _Pause:  # entered around every sharding propagation (ShardingPropagator._fake_mode_lock)
-        def __init__(self, tracker: "_Tracker") -> None:
-            self.tracker = tracker
-
-        def __enter__(self) -> None:
-            self.tracker.paused += 1
-
-        def __exit__(self, *exc) -> None:
-            self.tracker.paused -= 1
-
     def __init__(self) -> None:
         super().__init__()
         self.paused = 0
 
     @contextlib.contextmanager
     def tracing(self):
+        """Track inside this block, paused in ShardingPropagator's fake run of each op (torch 2.10-2.13 all run it
+        in _propagate_tensor_meta_non_cached)."""
         from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
-        lock, ShardingPropagator._fake_mode_lock = ShardingPropagator._fake_mode_lock, self._Pause(self)
+        propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+
+        def paused(propagator, *args, **kwargs):
+            self.paused += 1
+            try:
+                return propagate(propagator, *args, **kwargs)
+            finally:
+                self.paused -= 1
+
+        ShardingPropagator._propagate_tensor_meta_non_cached = paused
         try:
             with self:
                 yield self
         finally:
-            ShardingPropagator._fake_mode_lock = lock
+            ShardingPropagator._propagate_tensor_meta_non_cached = propagate
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
         for p in module.parameters():
