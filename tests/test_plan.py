@@ -6,6 +6,7 @@ holding only config.json; auto checkpoints the fewest layers whose estimate fits
 import json
 
 import pytest
+import torch
 from conftest import make_tiny_llava, tiny_clip_config, tiny_llama_config
 from transformers import CLIPVisionConfig, LlamaConfig
 
@@ -119,3 +120,42 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: missing required flag") and err.count("\n") == 1
     assert P.main([*_args(), "--nproc_per_node", "0"]) == 1
     assert "--nproc_per_node" in capsys.readouterr().err
+
+
+def test_longest_samples_are_the_datasets_longest(assets, tokenizer, image_processor):
+    """The planner's (and train.py's) largest micro-batch: the LLM lengths the dataset's own samples take, images
+    expanded and truncated, of its longest samples; without a tokenizer an estimate from the words that is never
+    below them."""
+    from minillava.data import LazySupervisedDataset, longest_samples
+    from minillava.layout import lay_out
+
+    for image_tokens, max_len in ((4, 2048), (40, 48)):  # 48: some samples truncated
+        ds = LazySupervisedDataset(assets["data"], tokenizer, image_processor, image_folder=assets["images"],
+                                   version="v1", model_max_length=max_len, image_tokens=image_tokens)  # fmt: skip
+        real = sorted(
+            (lay_out({"input_ids": s["input_ids"][None], "labels": s["labels"][None],
+                      "attention_mask": torch.ones(1, len(s["input_ids"]), dtype=torch.bool),
+                      "pixel_values": s["pixel_values"][None]}, image_tokens=image_tokens, max_len=max_len,
+                     padding_free=True).seq_lens[0] for s in (ds[i] for i in range(len(ds)))),
+            reverse=True,
+        )  # fmt: skip
+        kw = dict(version="v1", image_tokens=image_tokens, max_len=max_len)
+        assert longest_samples(ds.records, 3, tokenizer=tokenizer, **kw) == real[:3]
+        estimated = longest_samples(ds.records, 3, tokenizer=None, **kw)
+        assert all(e >= r for e, r in zip(estimated, real[:3], strict=True))
+
+
+def test_train_plans_with_the_data(assets, tmp_path, capsys, monkeypatch):
+    """train.py plans with the data's longest samples (not batch x model_max_length) and says so in one line."""
+    from conftest import flags
+
+    import train
+
+    seen = []
+    build = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a, **kw: seen.append(kw["lengths"]) or build(*a, **kw))
+    train.main(flags(assets, str(tmp_path / "out"), max_steps="1", model_max_length="1024"))
+    (lengths,) = seen
+    assert len(lengths) == 2 and 4 < min(lengths) <= max(lengths) < 100  # the tiny dataset's, not 1024
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory plan: "))
+    assert "activation checkpointing (auto): 0 of 2 decoder layers" in line and "% of it usable" in line
