@@ -7,7 +7,7 @@
 
 Vicuna-7B shapes (or --layers N of its 32) + CLIP-L/336 with random weights built on the meta device and
 materialised on the GPU (no weight files; FLOPs do not depend on values), FSDP2 on 1 rank exactly as train.py
-applies it, train.train_step on synthetic LLaVA-like micro-batches (see LengthMix). With --baseline,
+applies it, minillava.step's train_step on synthetic LLaVA-like micro-batches (see LengthMix). With --baseline,
 bench/hf_baseline.py (plain transformers) first runs the same micro-batches in a subprocess. BENCHMARKS.md explains
 every field.
 """
@@ -31,8 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `python bench/bench.py` from anywhere: train.py lives at the repository root
     sys.path.insert(0, REPO)
 
-import train  # noqa: E402
 from minillava import distributed as D  # noqa: E402
+from minillava import step as S  # noqa: E402
 from minillava.attention import resolve_backend  # noqa: E402
 from minillava.config import Config, parse_args, str2bool  # noqa: E402
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
@@ -145,10 +145,11 @@ def bench_config(args: argparse.Namespace, output_dir: str) -> Config:
 
 
 def build_model(cfg: Config, args: argparse.Namespace, device: torch.device):
-    """train.build_model at the benchmark's shapes (meta build, freeze, bf16 frozen weights, AC, fully_shard), with
-    seeded random weights written straight into the shards instead of streaming a checkpoint from rank 0."""
+    """minillava.step.build_model at the benchmark's shapes (meta build, freeze, bf16 frozen weights, AC,
+    fully_shard), with seeded random weights written straight into the shards instead of streaming a checkpoint from
+    rank 0."""
     info = D.DistInfo(rank=0, local_rank=0, world_size=1, device=device, owns_group=False)  # 1 rank (main)
-    return train.build_model(
+    return S.build_model(
         cfg,
         info,
         model_configs(args),
@@ -185,7 +186,7 @@ def make_batches(cfg: Config, args: argparse.Namespace, image_size: int, vocab: 
 
 
 def measure(cfg: Config, args: argparse.Namespace, info: D.DistInfo) -> dict:
-    """Build, run warmup + measured steps of train.train_step, and aggregate over the measured steps."""
+    """Build, run warmup + measured steps of minillava.step's train_step, and aggregate over the measured steps."""
     model, flops = build_model(cfg, args, info.device)
     optimizer, scheduler = build_optimizer(model, cfg.train, args.warmup + args.steps)
     raw = make_batches(cfg, args, model.vision_tower.config.image_size, model.llm.config.vocab_size)
@@ -198,7 +199,7 @@ def measure(cfg: Config, args: argparse.Namespace, info: D.DistInfo) -> dict:
         t0 = time.perf_counter()
         micro = [batch.to(info.device)]  # as train.micro_batch_stream
         t_data = time.perf_counter() - t0
-        metrics = train.train_step(model, micro, optimizer, scheduler, cfg)
+        metrics = S.train_step(model, micro, optimizer, scheduler, cfg)
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         dt = time.perf_counter() - t0

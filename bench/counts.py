@@ -39,14 +39,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import train  # noqa: E402
 from bench import bench as B  # noqa: E402
 from bench.hf_baseline import build_hf_model, to_hf_batch  # noqa: E402
 from minillava import distributed as D  # noqa: E402
+from minillava import step as S  # noqa: E402
 from minillava.config import parse_args  # noqa: E402
 from minillava.formats import run_settings  # noqa: E402
 from minillava.lora import add_lora  # noqa: E402
 from minillava.model import build_llava_from_config, set_trainable, splice  # noqa: E402
+from minillava.optim import build_optimizer  # noqa: E402
 
 READS = {
     torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
@@ -174,12 +175,12 @@ def ours(stage: int, checkpointing: bool, packing: bool, tiny: bool, lora: bool 
                      str(checkpointing), "--padding_free", str(packing), *lora_flags)  # fmt: skip
     info = D.init_distributed()
     try:
-        model, _ = train.build_model(cfg, info, (llm_cfg, vis_cfg), random_weights_seed=0)
-        optimizer, scheduler = train.build_optimizer(model, cfg.train, 2)
+        model, _ = S.build_model(cfg, info, (llm_cfg, vis_cfg), random_weights_seed=0)
+        optimizer, scheduler = build_optimizer(model, cfg.train, 2)
         batch = model.layout(raw_batch(stage, tiny, llm_cfg, vis_cfg))
         reads, saved = HostReads(), SavedBytes()
         with FlopCounterMode(display=False) as flops, reads, saved:
-            train.train_step(model, [batch], optimizer, scheduler, cfg)["loss"]  # read as a logging step reads it
+            S.train_step(model, [batch], optimizer, scheduler, cfg)["loss"]  # read as a logging step reads it
         plain = build_llava_from_config(llm_cfg, vis_cfg, run_settings(cfg))
         if lora:
             add_lora(plain.llm.model, r, 2 * r, cfg.train.lora_dropout)

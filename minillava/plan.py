@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -201,7 +202,10 @@ def trace(cfg: Config, configs: tuple, *, nnodes: int, nproc_per_node: int, gpu_
     device_bytes = int(gpu_memory_gib * GIB)
     world = nnodes * nproc_per_node
     batch = synthetic_batch(lengths, n_img, t.model_max_length, t.padding_free)
-    with fake_world(world) as info, contextlib.redirect_stdout(io.StringIO()), attention.as_on_cuda():
+    with fake_world(world) as info, contextlib.redirect_stdout(io.StringIO()), attention.as_on_cuda(), \
+            warnings.catch_warnings():
+        for known in ("The module hierarchy tracking", "FSDP2-wrapped module"):  # MemTracker's, and stage 1's
+            warnings.filterwarnings("ignore", message=known)
         model, flops, plan = sharded_model(cfg, info, configs, lengths=lengths, device_bytes=device_bytes,
                                            local_world_size=nproc_per_node)  # fmt: skip
         shard = world if not t.hsdp else nproc_per_node
@@ -256,7 +260,8 @@ def describe(cfg: Config, plan: Plan) -> str:
         fit = "is at risk (the peak fits, but not with the headroom the allocator and NCCL need)"
     return "\n".join([
         f"stage {t.stage}: {plan.world} ranks, {layout}; bf16 {t.bf16}, padding_free {t.padding_free}",
-        f"largest micro-batch: {len(mb)} samples of {min(mb)}-{max(mb)} LLM tokens = {plan.tokens:,} positions "
+        f"largest micro-batch: {len(mb)} samples of {min(mb)}{f'-{max(mb)}' * (max(mb) > min(mb))} LLM tokens = "
+        f"{plan.tokens:,} positions "
         f"({plan.lengths_from})",
         f"activation checkpointing ({t.gradient_checkpointing}): {plan.checkpointed_layers} of "
         f"{plan.total_layers} decoder layers",
