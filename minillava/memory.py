@@ -24,23 +24,33 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minillava.lora import LoRALinear, is_lora_param
+
 BUDGET = 0.85  # of the device's memory: headroom for the allocator's fragmentation and the collectives' buffers
 
 
-def saved_bytes_per_token(llm_config, trained: bool, bf16: bool) -> int:
+def saved_bytes_per_token(llm_config, trained: bool, bf16: bool, lora_r: int = 0, lora_dropout: float = 0.0) -> int:
     """Bytes one decoder layer saves for the backward, per token.
 
     fp32: both norms' inputs and q / attention output (4D), k and v, the MLP's gate, up and SiLU(gate) (3I), rotary
     cos and sin, the log-sum-exp, the norms' rstd; a trained layer also keeps its linears' inputs and the norms'
     normalised states (4D + I). bf16: the same in 2 bytes, except that each RMSNorm keeps an fp32 copy of its input
-    (LlamaRMSNorm upcasts) and the attention output is saved twice (the kernel's, and o_proj's contiguous input)."""
+    (LlamaRMSNorm upcasts) and the attention output is saved twice (the kernel's, and o_proj's contiguous input).
+    LoRA (lora_r > 0, frozen base): each adapter keeps its input for lora_A's gradient and lora_A's r outputs. Without
+    dropout the 7 linears read 2D + I distinct inputs (the two normed states, the MLP product); with it, each keeps
+    its own dropped copy and the dropout mask of its 6D + I inputs, the mask in the activation dtype as torch's
+    unfused dropout saves it (the CPU path the planner traces; CUDA's fused kernel keeps a 1-byte mask)."""
     D, inter, H = llm_config.hidden_size, llm_config.intermediate_size, llm_config.num_attention_heads
     kv = getattr(llm_config, "num_key_value_heads", None) or H
     head = getattr(llm_config, "head_dim", None) or D // H
+    act = 2 if bf16 else 4
+    lora = 0
+    if lora_r:
+        lora = ((6 * D + inter) * 2 if lora_dropout > 0 else 2 * D + inter) * act + 7 * lora_r * act
     if not bf16:
-        return 4 * (4 * D + 2 * kv * head + 3 * inter + 2 * head + H + 2 + (4 * D + inter if trained else 0))
+        return 4 * (4 * D + 2 * kv * head + 3 * inter + 2 * head + H + 2 + (4 * D + inter if trained else 0)) + lora
     frozen = 12 * D + 4 * kv * head + 6 * inter + 4 * H + 4 * head + 8
-    return frozen + (8 * D + 2 * inter if trained else 0)
+    return frozen + (8 * D + 2 * inter if trained else 0) + lora
 
 
 @dataclass(frozen=True)
@@ -98,14 +108,18 @@ def estimate(model: nn.Module, train_args, shard_group: int, lengths: list[int],
     layer = _numel(layers[0].parameters()) if llm_trains else 0
     root = act * (_numel(in_units) - n_layers * layer)  # the root unit gathered (stage 1: the projector)
     gathered = act * layer * (n_layers if not t.reshard_after_forward else min(2, n_layers))
-    trained_layer = any(p.requires_grad for p in layers[0].parameters())
-    full = saved_bytes_per_token(cfg, trained_layer, t.bf16)
+    adapters = [m for m in layers[0].modules() if isinstance(m, LoRALinear)]
+    lora_r = adapters[0].lora_A.out_features if adapters else 0
+    trained_layer = any(p.requires_grad for n, p in layers[0].named_parameters() if not is_lora_param("." + n))
+    layer_trainable = _numel(p for p in layers[0].parameters() if p.requires_grad) if llm_trains else 0
+    full = saved_bytes_per_token(cfg, trained_layer, t.bf16, lora_r, t.lora_dropout if adapters else 0.0)
     D, V, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     # outside the layers: the embeddings, the final norm's saved input and output, the labelled rows' hidden states
     outside = tokens * D * (act * 3 + 4 * (act == 2))
     loss = min(labels, model.loss_chunk_size) * V * (4 + (act == 2) * 2)  # fp32 logits + the compute-dtype ones
     head_grad = V * D * (4 + act) if model.llm.lm_head.weight.requires_grad else 0
-    layer_backward = tokens * (2 * inter + 2 * D) * act + (layer * (act + 4) if trained_layer else 0)
+    # its gradients unsharded in the compute dtype, and their fp32 copy for the reduce-scatter
+    layer_backward = tokens * (2 * inter + 2 * D) * act + layer_trainable * (act + 4)
     k = checkpointed
     saved = tokens * ((n_layers - k) * full + k * D * act)
     base = masters + root + outside

@@ -9,12 +9,16 @@ from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from minillava.attention import register_padded_sdpa
+from minillava.lora import add_lora
 from minillava.memory import saved_bytes_per_token
 
 
-def _measured_per_token(cfg, trained: bool, dtype: torch.dtype, T: int = 48) -> float:
+def _measured_per_token(cfg, trained: bool, dtype: torch.dtype, T: int = 48, lora=None) -> float:
     llm = LlamaForCausalLM._from_config(cfg, attn_implementation=register_padded_sdpa(), dtype=dtype)
     layer = llm.model.layers[0].requires_grad_(trained)
+    if lora is not None:  # adapters (r, dropout) on the frozen layer's Linears, as --lora_enable (trained, in dtype)
+        add_lora(layer, lora[0], 2 * lora[0], lora[1])
+        layer.to(dtype)
     own = {t.untyped_storage().data_ptr() for t in [*llm.parameters(), *llm.buffers()]}
     seen: dict[int, int] = {}
 
@@ -39,3 +43,14 @@ def test_saved_bytes_per_token_match_autograd(trained, bf16, hidden, inter, head
                             num_key_value_heads=kv)  # fmt: skip
     measured = _measured_per_token(cfg, trained, torch.bfloat16 if bf16 else torch.float32)
     assert measured == saved_bytes_per_token(cfg, trained, bf16)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+@pytest.mark.parametrize(("hidden", "inter", "heads", "kv"), [(32, 64, 4, 4), (64, 256, 4, 2)])
+def test_lora_saved_bytes_per_token_match_autograd(bf16, dropout, hidden, inter, heads, kv):
+    cfg = tiny_llama_config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                            num_key_value_heads=kv)  # fmt: skip
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    measured = _measured_per_token(cfg, False, dtype, lora=(8, dropout))
+    assert measured == saved_bytes_per_token(cfg, False, bf16, lora_r=8, lora_dropout=dropout)

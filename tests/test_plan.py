@@ -30,19 +30,22 @@ def _small():  # big enough that no rounding dominates, small enough to trace in
     return llm, tiny_clip_config(image_size=112, hidden_size=64, intermediate_size=128)  # 64 image tokens
 
 
-GRID = [  # stage, batch, checkpointing, bf16, packed, nodes x ranks, hsdp
-    (2, 4, "False", "True", "True", 1, "False"),
-    (2, 8, "True", "True", "False", 8, "True"),
-    (2, 4, "False", "False", "True", 8, "False"),
-    (1, 16, "False", "True", "True", 1, "False"),
-    (1, 8, "True", "False", "False", 8, "True"),
-    (2, 16, "True", "True", "True", 8, "True"),
+LORA = ("--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32", "--mm_projector_lr", "2e-5")
+GRID = [  # stage, batch, checkpointing, bf16, packed, nodes x ranks, hsdp, more flags
+    (2, 4, "False", "True", "True", 1, "False", ()),
+    (2, 8, "True", "True", "False", 8, "True", ()),
+    (2, 4, "False", "False", "True", 8, "False", ()),
+    (1, 16, "False", "True", "True", 1, "False", ()),
+    (1, 8, "True", "False", "False", 8, "True", ()),
+    (2, 16, "True", "True", "True", 8, "True", ()),
+    (2, 4, "False", "True", "True", 1, "False", LORA),
+    (2, 4, "False", "True", "False", 1, "False", ("--reshard_after_forward", "False")),
 ]
 
 
-@pytest.mark.parametrize(("stage", "batch", "ac", "bf16", "packed", "nodes", "hsdp"), GRID)
-def test_estimate_matches_the_trace(stage, batch, ac, bf16, packed, nodes, hsdp):
-    cfg = parse_args(_args(stage, batch, ac, bf16, packed, hsdp))
+@pytest.mark.parametrize(("stage", "batch", "ac", "bf16", "packed", "nodes", "hsdp", "extra"), GRID)
+def test_estimate_matches_the_trace(stage, batch, ac, bf16, packed, nodes, hsdp, extra):
+    cfg = parse_args(_args(stage, batch, ac, bf16, packed, hsdp, extra=extra))
     lengths = [256 - 9 * i for i in range(batch)]  # samples of unequal lengths: padding counts on the padded path
     plan = P.trace(cfg, _small(), nnodes=nodes, nproc_per_node=8, gpu_memory_gib=80, lengths=lengths)
     assert plan.tokens == micro_batch_tokens(lengths, packed == "True")
