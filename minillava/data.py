@@ -19,6 +19,7 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from minillava.backbones import pad_token
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
 from minillava.formats import read_records_cache, records_cache_dir, write_records_cache
@@ -385,14 +386,15 @@ class DataCollator:
 
 
 def load_tokenizer(path: str, model_max_length: int) -> Any:
-    """The tokenizer as LLaVA sets it up for plain/v1 (train.py L878-908): right padding, pad = unk."""
+    """The tokenizer as LLaVA sets it up for plain/v1 (train.py L878-908): right padding, pad = unk (or, for a
+    vocabulary without one, backbones.pad_token's choice)."""
     from transformers import AutoTokenizer
 
     # LLaVA asked for the slow SentencePiece class (use_fast=False); transformers 5 has one Llama tokenizer, which
     # gives Vicuna's ids when the folder's tokenizer_config.json says legacy=false. So
     # `legacy` is taken from the folder, never overridden.
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=model_max_length, padding_side="right")
-    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.pad_token = pad_token(tokenizer)
     return tokenizer
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava import LlavaImageProcessorPil
 
+from minillava.backbones import check_tower_type, llm_family
 from minillava.lora import merge_lora
 from minillava.model import LlavaSettings, build_projector
 
@@ -208,6 +209,8 @@ def pretrained_state_dict(model_name_or_path: str, vision_tower: str) -> dict[st
     """Pretrained LLM + CLIP tensors keyed by our names (llm.*, vision_tower.*), as stored; no projector."""
     llm = read_weights(local_folder(model_name_or_path, "--model_name_or_path"), "--model_name_or_path")
     out = {f"llm.{k}": v for k, v in llm.items() if not k.endswith(_NON_PERSISTENT)}
+    if "llm.lm_head.weight" not in out and "llm.model.embed_tokens.weight" in out:  # tied (tie_word_embeddings):
+        out["llm.lm_head.weight"] = out["llm.model.embed_tokens.weight"]  # the model's state dict names it twice
     return out | clip_vision_state(read_weights(local_folder(vision_tower, "--vision_tower"), "--vision_tower"))
 
 
@@ -691,7 +694,10 @@ def run_configs(cfg) -> tuple[LlamaConfig, CLIPVisionConfig]:
     llm = local_folder(m.model_name_or_path, "--model_name_or_path")
     if checkpoint_kind(llm) is None:
         clip = local_folder(m.vision_tower, "--vision_tower")
-        return AutoConfig.from_pretrained(llm), CLIPVisionConfig.from_pretrained(clip)
+        check_tower_type(_config(clip).get("model_type"), f"--vision_tower {m.vision_tower}")
+        llm_config = AutoConfig.from_pretrained(llm)
+        llm_family(llm_config, f"--model_name_or_path {m.model_name_or_path}")
+        return llm_config, CLIPVisionConfig.from_pretrained(clip)
     trained, flags = read_settings(llm), run_settings(cfg)
     for f in (f.name for f in fields(LlavaSettings) if f.name.startswith("mm_")):  # the model must be the one trained
         ours, theirs = getattr(flags, f), getattr(trained, f)

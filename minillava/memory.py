@@ -24,33 +24,38 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minillava.backbones import LLM_FAMILIES
 from minillava.lora import LoRALinear, is_lora_param
 
 BUDGET = 0.85  # of the device's memory: headroom for the allocator's fragmentation and the collectives' buffers
 
 
 def saved_bytes_per_token(llm_config, trained: bool, bf16: bool, lora_r: int = 0, lora_dropout: float = 0.0) -> int:
-    """Bytes one decoder layer saves for the backward, per token.
+    """Bytes one decoder layer saves for the backward, per token (D hidden, Q = heads x head_dim, K = kv heads x
+    head_dim, I intermediate).
 
-    fp32: both norms' inputs and q / attention output (4D), k and v, the MLP's gate, up and SiLU(gate) (3I), rotary
-    cos and sin, the log-sum-exp, the norms' rstd; a trained layer also keeps its linears' inputs and the norms'
-    normalised states (4D + I). bf16: the same in 2 bytes, except that each RMSNorm keeps an fp32 copy of its input
-    (LlamaRMSNorm upcasts) and the attention output is saved twice (the kernel's, and o_proj's contiguous input).
+    fp32: both norms' inputs (2D), q and the attention output (2Q), k and v (2K), the MLP's gate, up and SiLU(gate)
+    (3I), rotary cos and sin, the log-sum-exp, the norms' rstd; a trained layer also keeps its linears' inputs and the
+    norms' normalised states (4D + I). bf16: the same in 2 bytes, except that each RMSNorm keeps an fp32 copy of its
+    input (the norm upcasts) and the attention output is saved twice (the kernel's, and o_proj's contiguous input).
+    q/k norms (Qwen3): an fp32 copy of q and k and a per-head rstd, and when trained their normalised states.
     LoRA (lora_r > 0, frozen base): each adapter keeps its input for lora_A's gradient and lora_A's r outputs. Without
     dropout the 7 linears read 2D + I distinct inputs (the two normed states, the MLP product); with it, each keeps
-    its own dropped copy and the dropout mask of its 6D + I inputs, the mask in the activation dtype as torch's
+    its own dropped copy and the dropout mask of its 5D + Q + I inputs, the mask in the activation dtype as torch's
     unfused dropout saves it (the CPU path the planner traces; CUDA's fused kernel keeps a 1-byte mask)."""
     D, inter, H = llm_config.hidden_size, llm_config.intermediate_size, llm_config.num_attention_heads
     kv = getattr(llm_config, "num_key_value_heads", None) or H
     head = getattr(llm_config, "head_dim", None) or D // H
-    act = 2 if bf16 else 4
-    lora = 0
+    Q, K, act = H * head, kv * head, 2 if bf16 else 4
+    extra = 0
+    if LLM_FAMILIES.get(getattr(llm_config, "model_type", None), LLM_FAMILIES["llama"]).qk_norm:
+        extra += 4 * (Q + K) + 4 * (H + kv) + (act * (Q + K) if trained else 0)
     if lora_r:
-        lora = ((6 * D + inter) * 2 if lora_dropout > 0 else 2 * D + inter) * act + 7 * lora_r * act
+        extra += ((5 * D + Q + inter) * 2 if lora_dropout > 0 else 2 * D + inter) * act + 7 * lora_r * act
     if not bf16:
-        return 4 * (4 * D + 2 * kv * head + 3 * inter + 2 * head + H + 2 + (4 * D + inter if trained else 0)) + lora
-    frozen = 12 * D + 4 * kv * head + 6 * inter + 4 * H + 4 * head + 8
-    return frozen + (8 * D + 2 * inter if trained else 0) + lora
+        return 4 * (2 * D + 2 * Q + 2 * K + 3 * inter + 2 * head + H + 2 + (4 * D + inter if trained else 0)) + extra
+    frozen = 8 * D + 4 * Q + 4 * K + 6 * inter + 4 * H + 4 * head + 8
+    return frozen + (8 * D + 2 * inter if trained else 0) + extra
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minillava.backbones import tied_embeddings
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
 
 
@@ -58,7 +60,7 @@ class FlopModel:
         )
         trainable = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
         return cls(
-            llm_matmul=_count(llm) - emb,
+            llm_matmul=_count(llm) - (0 if tied_embeddings(llm) else emb),  # a tied lm_head is counted once
             llm_layers=llm.config.num_hidden_layers,
             hidden=llm.config.hidden_size,
             vit_layer=_count(tower.encoder.layers[0]),

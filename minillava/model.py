@@ -1,4 +1,4 @@
-"""LLaVA-1.5 glue around real transformers models: CLIP tower -> projector -> splice at <image> -> Llama -> loss.
+"""LLaVA-1.5 glue around real transformers models: CLIP tower -> projector -> splice at <image> -> LLM -> loss.
 
 Pure architecture (no torch.distributed): FSDP2 and activation checkpointing are applied from outside, to each of
 `decoder_layers()`, to `vision_tower` as one unit, then to the root. Shapes: Karpathy-style comments, `# (B, T, D)`.
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
 
 from minillava.attention import VARLEN_ATTENTION, register_padded_sdpa, register_varlen_attention
+from minillava.backbones import build_llm
 from minillava.constants import IGNORE_INDEX
 from minillava.layout import Batch, lay_out
 from minillava.lora import LoRALinear, is_lora_param
@@ -91,7 +92,7 @@ class LlavaModel(nn.Module):
 
     def __init__(
         self,
-        llm: LlamaForCausalLM,
+        llm: PreTrainedModel,
         vision_tower: CLIPVisionModel,
         settings: LlavaSettings | None = None,
         *,
@@ -128,7 +129,7 @@ class LlavaModel(nn.Module):
         return self.llm.config._attn_implementation == VARLEN_ATTENTION
 
     def decoder_layers(self) -> list[nn.Module]:
-        """The LlamaDecoderLayer modules (FSDP units / activation-checkpointing targets)."""
+        """The LLM's decoder layers (FSDP units / activation-checkpointing targets)."""
         return list(self.llm.model.layers)
 
     def encode_images(self, pixel_values: Tensor, dtype: torch.dtype) -> Tensor:
@@ -313,7 +314,7 @@ def _attn_kw(attn_implementation: str, padding_free: bool = False) -> tuple[str,
 
 
 def build_llava_from_config(
-    llm_config: LlamaConfig,
+    llm_config: PretrainedConfig,
     vision_config: CLIPVisionConfig,
     settings: LlavaSettings | None = None,
     *,
@@ -324,6 +325,6 @@ def build_llava_from_config(
 ) -> LlavaModel:
     """LlavaModel from configs with random weights; cheap under `with torch.device("meta"):` (load weights later)."""
     llm_attn, tower_attn = _attn_kw(attn_implementation, padding_free)
-    llm = LlamaForCausalLM._from_config(llm_config, attn_implementation=llm_attn, dtype=dtype)
+    llm = build_llm(llm_config, attn_implementation=llm_attn, dtype=dtype)  # the config's own class (backbones.py)
     tower = CLIPVisionModel._from_config(vision_config, attn_implementation=tower_attn, dtype=dtype)
     return LlavaModel(llm, tower, settings, loss_chunk_size=loss_chunk_size)

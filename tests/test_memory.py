@@ -1,12 +1,13 @@
 """The memory estimate's per-token term (minillava/memory.py saved_bytes_per_token) equals what autograd really
 saves in one decoder layer (saved-tensor hooks, counted by storage, parameters excluded), for trained and frozen
-layers, MHA and GQA, fp32 and bf16 (whose RMSNorms keep fp32 copies). The whole estimate against traces of the real
+layers, MHA and GQA, fp32 and bf16 (whose RMSNorms keep fp32 copies), every LLM family (Qwen2's biases, Qwen3's q/k
+norms, a head_dim that is not hidden / heads) and LoRA adapters. The whole estimate against traces of the real
 step: tests/test_plan.py."""
 
 import pytest
 import torch
 from conftest import tiny_llama_config
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
 from minillava.attention import register_padded_sdpa
 from minillava.lora import add_lora
@@ -14,7 +15,7 @@ from minillava.memory import saved_bytes_per_token
 
 
 def _measured_per_token(cfg, trained: bool, dtype: torch.dtype, T: int = 48, lora=None) -> float:
-    llm = LlamaForCausalLM._from_config(cfg, attn_implementation=register_padded_sdpa(), dtype=dtype)
+    llm = AutoModelForCausalLM.from_config(cfg, attn_implementation=register_padded_sdpa(), dtype=dtype)
     layer = llm.model.layers[0].requires_grad_(trained)
     if lora is not None:  # adapters (r, dropout) on the frozen layer's Linears, as --lora_enable (trained, in dtype)
         add_lora(layer, lora[0], 2 * lora[0], lora[1])
@@ -54,3 +55,14 @@ def test_lora_saved_bytes_per_token_match_autograd(bf16, dropout, hidden, inter,
     dtype = torch.bfloat16 if bf16 else torch.float32
     measured = _measured_per_token(cfg, False, dtype, lora=(8, dropout))
     assert measured == saved_bytes_per_token(cfg, False, bf16, lora_r=8, lora_dropout=dropout)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("trained", [True, False])
+@pytest.mark.parametrize("family", [MistralConfig, Qwen2Config, Qwen3Config])
+@pytest.mark.parametrize(("hidden", "heads", "kv", "head_dim"), [(32, 4, 4, 8), (64, 4, 2, 32)])
+def test_families_saved_bytes_per_token_match_autograd(family, trained, bf16, hidden, heads, kv, head_dim):
+    cfg = family(vocab_size=512, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+                 num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)  # fmt: skip
+    measured = _measured_per_token(cfg, trained, torch.bfloat16 if bf16 else torch.float32)
+    assert measured == saved_bytes_per_token(cfg, trained, bf16)

@@ -1,0 +1,81 @@
+"""The language-model families minillava trains, one row each: everything that differs between them lives here (no
+torch.distributed). The model itself is always transformers' own class for the config (AutoModelForCausalLM): biases,
+grouped-query attention, tied embeddings, q/k norms, rope scaling and sliding windows come from the config, never a
+copy of the modelling code. What every family shares, and minillava relies on: `model.layers` of decoder layers with
+`self_attn` and `mlp`, `model.rotary_emb`, `model.norm`, `model.embed_tokens`, and an `lm_head` without a bias.
+
+LLaVA-NeXT (llava/model/language_model/llava_{llama,mistral,qwen}.py) registers one LLaVA class per family; its
+config's model_type is the family's LLaVA name below.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LLMFamily:
+    model_type: str  # the LLM config's model_type
+    llava_model_type: str  # LLaVA-NeXT's model_type for a LLaVA model of this family
+    examples: str  # for error messages and the README
+    qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+
+
+LLM_FAMILIES = {
+    f.model_type: f
+    for f in (
+        LLMFamily("llama", "llava_llama", "Llama-2, Vicuna-v1.5, Llama-3.x"),
+        LLMFamily("mistral", "llava_mistral", "Mistral-7B"),
+        LLMFamily("qwen2", "llava_qwen", "Qwen2, Qwen2.5"),
+        LLMFamily("qwen3", "llava_qwen", "Qwen3", qk_norm=True),
+    )
+}
+TOWER_TYPES = ("clip_vision_model", "clip")  # a CLIPVisionModel folder, or a whole CLIPModel's (its vision half)
+
+
+def supported_llms() -> str:
+    return ", ".join(f"{t} ({f.examples})" for t, f in LLM_FAMILIES.items())
+
+
+def llm_family(config, where: str) -> LLMFamily:
+    """The family of an LLM config; ValueError in one line naming the supported types otherwise (before any weight
+    is read)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLM_FAMILIES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not a supported language model; supported: "
+                         f"{supported_llms()}")  # fmt: skip
+    return LLM_FAMILIES[model_type]
+
+
+def check_tower_type(model_type: str | None, where: str) -> None:
+    if model_type not in TOWER_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not a supported vision tower; supported: CLIP "
+                         "(clip_vision_model, or a clip folder's vision half)")  # fmt: skip
+
+
+def build_llm(config, *, attn_implementation: str, dtype: torch.dtype) -> nn.Module:
+    """transformers' causal-LM class for `config` (random weights; cheap under torch.device("meta"))."""
+    from transformers import AutoModelForCausalLM
+
+    llm_family(config, "the LLM config")
+    llm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    if getattr(llm.lm_head, "bias", None) is not None:
+        raise ValueError(f"{config.model_type}: an lm_head with a bias is not supported")
+    return llm
+
+
+def tied_embeddings(llm: nn.Module) -> bool:
+    """lm_head shares the input embedding's weight (tie_word_embeddings: Qwen2-0.5B, Llama-3.2-1B)."""
+    return llm.lm_head.weight is llm.get_input_embeddings().weight
+
+
+def pad_token(tokenizer) -> str:
+    """The token padding fills micro-batches with: LLaVA's unk (train.py L878-908) when the vocabulary has one
+    (Llama-2 / Vicuna, Mistral), else the tokenizer's own pad (Qwen's <|endoftext|>), else its EOS (Llama-3). Our
+    attention mask and labels come from the true lengths, so the id only fills positions nothing reads; LLaVA-NeXT's
+    collator turns a missing pad into id 0 instead, which masks every real token 0 (Llama-3's "!")."""
+    for token in (tokenizer.unk_token, tokenizer.pad_token, tokenizer.eos_token):
+        if token is not None:
+            return token
+    raise ValueError("the tokenizer has no unk, pad or eos token to pad with")
