@@ -1,10 +1,12 @@
 """LLaVA-1.5 conversation templates, chunked image tokenization and label masking (llava/conversation.py,
-llava/mm_utils.py tokenizer_image_token, llava/train/train.py preprocess_*).
+llava/mm_utils.py tokenizer_image_token, llava/train/train.py preprocess_*), and the --version table, which also
+names LLaVA-NeXT's turn-by-turn templates (their labelling scheme: minillava/chat_turns.py).
 Pure: strings and int lists in, int lists out; no torch, no I/O."""
 
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from minillava.chat_turns import LLAMA3_SYSTEM, inference_prompt, preprocess_turns
 from minillava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
@@ -21,7 +23,8 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class Template:
-    """A LLaVA conversation template; style "two" is SeparatorStyle.TWO, "plain" is SeparatorStyle.PLAIN."""
+    """A LLaVA conversation template; style "two" is SeparatorStyle.TWO, "plain" is SeparatorStyle.PLAIN; "qwen" and
+    "llama3" are LLaVA-NeXT's turn-by-turn templates (chat_turns.py), whose system is the inference prompt's."""
 
     system: str
     roles: tuple[str, str]
@@ -36,12 +39,20 @@ _SYSTEM = (  # conv_vicuna_v1 says "user", conv_llava_v1 says "human"
 )
 _V1 = Template(_SYSTEM.format("user"), ("USER", "ASSISTANT"), " ", "</s>", "two")  # conversation.py L242
 _PLAIN = Template("", ("", ""), "\n", None, "plain")  # conv_llava_plain, conversation.py L291
+_QWEN = Template("You are a helpful assistant.", ("user", "assistant"), "<|im_end|>", None, "qwen")
+TURN_STYLES = ("qwen", "llama3")
 TEMPLATES: dict[str, Template] = {
     "plain": _PLAIN,
     "v0_plain": _PLAIN,
     "v1": _V1,
     "vicuna_v1": _V1,
     "llava_v1": Template(_SYSTEM.format("human"), ("USER", "ASSISTANT"), " ", "</s>", "two"),  # L325
+    # LLaVA-NeXT's conversation.py: conv_qwen (L443), conv_qwen_2_5 (L454), conv_llava_llama_3 (L386)
+    "qwen_1_5": _QWEN,
+    "qwen_2": _QWEN,
+    "qwen_2_5": Template("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                         ("user", "assistant"), "<|im_end|>", None, "qwen"),
+    "llava_llama_3": Template(LLAMA3_SYSTEM, ("user", "assistant"), "<|eot_id|>", None, "llama3"),
 }
 KNOWN_VERSIONS: tuple[str, ...] = tuple(TEMPLATES)
 _ROLES = ("human", "gpt")
@@ -101,7 +112,8 @@ def check_conversations(conversations: Any, version: str, has_image: bool) -> li
             raise ValueError(f"turn {j} must be {{'from': 'human'|'gpt', 'value': str}}, got {str(turn)[:80]!r}")
         if not turn["value"]:  # Conversation.get_prompt renders it as a bare "ROLE:" with no separator
             raise ValueError(f"turn {j} ({turn['from']}) has an empty value")
-    turns = conversations[1:] if conversations[0]["from"] == "gpt" and template.style == "two" else conversations
+    leading_gpt_dropped = template.style in ("two", *TURN_STYLES)  # train.py L423 (LLaVA-NeXT: L589, L669)
+    turns = conversations[1:] if conversations[0]["from"] == "gpt" and leading_gpt_dropped else conversations
     for j, turn in enumerate(turns):
         if turn["from"] != _ROLES[j % 2]:
             raise ValueError(f"turns must alternate human/gpt starting with human; turn {j} is {turn['from']!r}")
@@ -179,22 +191,28 @@ def preprocess(
     """Validate, render and tokenize one record's turns -> (input_ids, labels), untruncated (as LLaVA's image path).
 
     plain: [BOS, -200, caption..., "\\n"] with BOS and image masked, no EOS. v1: only the assistant answers, each with
-    its closing </s>, are supervised. Raises ValueError (TokenizationMismatch if pieces do not line up)."""
+    its closing </s>, are supervised. qwen_* and llava_llama_3: chat_turns.preprocess_turns. Raises ValueError
+    (TokenizationMismatch if pieces do not line up)."""
     template = get_template(version)
     turns = check_conversations(conversations, version, has_image)
     if has_image:
         turns = preprocess_multimodal(turns)
+    if template.style in TURN_STYLES:  # LLaVA-NeXT's turn-by-turn labelling (chat_turns.py)
+        return preprocess_turns(turns, tokenizer, template.style)
     text, spans = _render(template, turns)
     return _labels(text, spans, tokenizer, template.sep2)
 
 
-def build_inference_prompt(question: str, version: str, has_image: bool) -> str:
+def build_inference_prompt(question: str, version: str, has_image: bool, tokenizer: Tokenizer | None = None) -> str:
     """The prompt a trained model sees at inference (LLaVA's eval: "<image>\\n" + question, open ASSISTANT turn);
-    plain gives "<image>" alone: stage 1 trains on "<image>" + caption, without the instruction."""
+    plain gives "<image>" alone: stage 1 trains on "<image>" + caption, without the instruction. llava_llama_3 is
+    rendered by the tokenizer's own chat template (pass it)."""
     template = get_template(version)
     if template.style == "plain":
         if not has_image:
             raise ValueError("the plain template only captions images: has_image must be True")
         return DEFAULT_IMAGE_TOKEN
     user = DEFAULT_IMAGE_TOKEN + "\n" + question if has_image else question
+    if template.style in TURN_STYLES:
+        return inference_prompt(template.style, template.system, user, tokenizer)
     return f"{template.system}{template.sep}{template.roles[0]}: {user}{template.sep}{template.roles[1]}:"

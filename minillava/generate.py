@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     processor = load_image_processor_for(checkpoint, settings, vision_tower)
     image = open_image(a.image, settings.image_aspect_ratio)
     pixel_values = process_image(image, processor, settings.image_aspect_ratio)[None]
-    prompt = build_inference_prompt(a.prompt, a.version, has_image=True)
+    prompt = build_inference_prompt(a.prompt, a.version, has_image=True, tokenizer=tokenizer)
     input_ids = torch.tensor(tokenizer_image_token(prompt, tokenizer))
     out = greedy_generate(
         model,

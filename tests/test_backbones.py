@@ -143,3 +143,28 @@ def test_pad_token_is_unk_else_the_families_own():
     assert pad_token(_Tok(eos="<|eot_id|>")) == "<|eot_id|>"  # Llama-3: never id 0 ("!")
     with pytest.raises(ValueError, match="no unk, pad or eos"):
         pad_token(_Tok())
+
+
+@pytest.mark.parametrize(("family", "version", "make"), [("qwen2", "qwen_2", "qwen2_tokenizer"),
+                                                         ("llama", "llava_llama_3", "llama3_tokenizer")])  # fmt: skip
+def test_trains_with_its_own_template_and_tokenizer(assets, tmp_path, family, version, make):
+    """Stage 1 (plain) then stage 2 with LLaVA-NeXT's template, from a folder holding the family's byte-level
+    tokenizer (Qwen2: no BOS, pad <|endoftext|>; Llama-3: no pad, no unk, so EOS pads)."""
+    import family_tokenizers
+
+    import train
+
+    folder = str(tmp_path / family)
+    tokenizer = getattr(family_tokenizers, make)()
+    config = _config(family)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train.main(flags(assets, one, stage=1, model_name_or_path=folder, max_steps="2"))
+    train.main(flags(assets, two, model_name_or_path=folder, version=version, max_steps="2", logging_steps="1",
+                     pretrain_mm_mlp_adapter=os.path.join(one, "mm_projector.bin"), init_projector="auto"))  # fmt: skip
+    with open(os.path.join(two, "metrics.jsonl")) as f:
+        rows = [row for row in map(json.loads, f) if "loss" in row]
+    assert len(rows) == 2 and all(0 < r["loss"] < 10 and r["label_tokens"] > 0 for r in rows)
