@@ -31,7 +31,27 @@ LLM_FAMILIES = {
         LLMFamily("qwen3", "llava_qwen", "Qwen3", qk_norm=True),
     )
 }
-TOWER_TYPES = ("clip_vision_model", "clip")  # a CLIPVisionModel folder, or a whole CLIPModel's (its vision half)
+
+
+@dataclass(frozen=True)
+class TowerFamily:
+    """A vision tower family: how LLaVA reads it (llava/model/multimodal_encoder/{clip,siglip}_encoder.py)."""
+
+    model_type: str  # the vision config's (a whole CLIPModel / SiglipModel folder: clip / siglip, its vision half)
+    cls_token: bool  # the first position is a CLS token (--mm_vision_select_feature patch drops it)
+    # LLaVA-NeXT's SigLipVisionTower deletes the last encoder layer and reads the output of the one before it (before
+    # post_layernorm), every patch, whatever --mm_vision_select_layer / --mm_vision_select_feature say; we build the
+    # tower without that layer (and without the pooling head it replaces by Identity), as its checkpoints hold it.
+    drop_last_layer: bool
+    processor: str  # transformers' PIL-backed image processor (LLaVA's exact pixels)
+
+
+TOWER_FAMILIES = {
+    "clip_vision_model": TowerFamily("clip_vision_model", True, False, "CLIPImageProcessorPil"),
+    "siglip_vision_model": TowerFamily("siglip_vision_model", False, True, "SiglipImageProcessorPil"),
+}
+TOWER_TYPES = {"clip": "clip_vision_model", "clip_vision_model": "clip_vision_model", "siglip": "siglip_vision_model",
+               "siglip_vision_model": "siglip_vision_model", "siglip2_vision_model": "siglip_vision_model"}  # fmt: skip
 
 
 def supported_llms() -> str:
@@ -48,10 +68,48 @@ def llm_family(config, where: str) -> LLMFamily:
     return LLM_FAMILIES[model_type]
 
 
-def check_tower_type(model_type: str | None, where: str) -> None:
+def tower_family(model_type: str | None, where: str) -> TowerFamily:
+    """The family of a tower folder's config.json model_type; ValueError in one line naming the supported ones."""
     if model_type not in TOWER_TYPES:
         raise ValueError(f"{where}: model_type {model_type!r} is not a supported vision tower; supported: CLIP "
-                         "(clip_vision_model, or a clip folder's vision half)")  # fmt: skip
+                         "(clip_vision_model, or a clip folder's vision half), SigLIP / SigLIP2 (siglip_vision_model, "
+                         "or a siglip folder's vision half)")  # fmt: skip
+    return TOWER_FAMILIES[TOWER_TYPES[model_type]]
+
+
+def tower_config(folder: str, model_type: str):
+    """The vision config of a tower folder (a whole CLIP / SigLIP model's vision half too), as LLaVA builds it."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    family = tower_family(model_type, folder)
+    if family.model_type == "clip_vision_model":
+        return CLIPVisionConfig.from_pretrained(folder)
+    config = SiglipVisionConfig.from_pretrained(folder)  # as LLaVA-NeXT's tower: a layer fewer, no pooling head
+    return SiglipVisionConfig.from_dict({**config.to_dict(), "num_hidden_layers": config.num_hidden_layers - 1,
+                                         "vision_use_head": False})  # fmt: skip
+
+
+def build_tower(config, *, attn_implementation: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    family = tower_family(config.model_type, "the tower config")
+    cls = CLIPVisionModel if family.model_type == "clip_vision_model" else SiglipVisionModel
+    return cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+
+
+def image_processor(folder: str, model_type: str):
+    """The tower's PIL-backed image processor from its folder."""
+    import transformers
+
+    return getattr(transformers, tower_family(model_type, folder).processor).from_pretrained(folder)
+
+
+def processor_size(processor) -> tuple[int, int]:
+    """(height, width) of the processed images: the crop when the processor crops (CLIP), else its resize (SigLIP's
+    exact 384 x 384, which has no crop_size)."""
+    crop = getattr(processor, "crop_size", None)
+    size = crop if crop and getattr(processor, "do_center_crop", False) else processor.size
+    return size["height"], size["width"]
 
 
 def build_llm(config, *, attn_implementation: str, dtype: torch.dtype) -> nn.Module:

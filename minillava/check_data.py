@@ -29,8 +29,9 @@ from minillava.data import (
     process_image,
     word_count,
 )
-from minillava.formats import fetch
+from minillava.formats import fetch, folder_tower_config
 from minillava.layout import supervised_tokens
+from minillava.model import image_tokens
 
 BLOCK = 2048  # records handed to the thread pool at a time (bounded memory, a live progress bar)
 
@@ -94,11 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     processor = load_image_processor(clip) if clip else None
     if args.image_tokens is None:
         args.image_tokens = 576
-        if clip:
-            from transformers import CLIPVisionConfig
-
-            vision = CLIPVisionConfig.from_pretrained(clip)
-            args.image_tokens = (vision.image_size // vision.patch_size) ** 2
+        if clip and os.path.isfile(os.path.join(clip, "config.json")):  # else a processor-only folder: the default
+            args.image_tokens = image_tokens(folder_tower_config(clip, "--vision_tower"))
     reasons: list[str | None] = []
     with ThreadPoolExecutor(max(1, args.num_workers)) as pool, tqdm(total=len(records), unit="sample") as bar:
         for start in range(0, len(records), BLOCK):

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from minillava.backbones import pad_token
+from minillava.backbones import TOWER_TYPES, image_processor, pad_token, processor_size
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
 from minillava.formats import read_records_cache, records_cache_dir, write_records_cache
@@ -352,8 +352,7 @@ class LazySupervisedDataset(Dataset):
         if has_image:
             out["pixel_values"] = self.load_image(i)
         elif self.is_multimodal:
-            crop = self.image_processor.crop_size
-            out["pixel_values"] = torch.zeros(3, crop["height"], crop["width"])
+            out["pixel_values"] = torch.zeros(3, *processor_size(self.image_processor))  # LLaVA's zero image
         return out
 
 
@@ -399,8 +398,16 @@ def load_tokenizer(path: str, model_max_length: int) -> Any:
 
 
 def load_image_processor(path: str) -> Any:
-    """The PIL-backed CLIP processor from a local vision tower folder (measured bit-identical to
-    LLaVA's; the torchvision-backed default differs by up to 0.03 on non-square images)."""
+    """The PIL-backed processor of a local vision tower folder, CLIP's or SigLIP's by its config.json (measured
+    bit-identical to LLaVA's; the torchvision-backed default differs by up to 0.03 on non-square images); CLIP's for
+    a folder that is not a tower (a llava-hf folder)."""
     from transformers.models.clip import CLIPImageProcessorPil
 
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type in TOWER_TYPES:
+        return image_processor(path, model_type)
     return CLIPImageProcessorPil.from_pretrained(path)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava import LlavaImageProcessorPil
 
-from minillava.backbones import check_tower_type, llm_family
+from minillava.backbones import llm_family, tower_config, tower_family
 from minillava.lora import merge_lora
 from minillava.model import LlavaSettings, build_projector
 
@@ -100,12 +100,27 @@ def from_llava_key(key: str, path: str) -> str:
     raise _unexpected(path, key)
 
 
-def clip_vision_state(clip: dict[str, Tensor]) -> dict[str, Tensor]:
-    """CLIP vision weights keyed vision_tower.*: openai/clip-* folders (full CLIPModels) and transformers 4 towers
-    have a `vision_model.` level (the text half, if any, is dropped); a transformers 5 CLIPVisionModel has none."""
+def clip_vision_state(clip: dict[str, Tensor], vision_config=None) -> dict[str, Tensor]:
+    """Tower weights keyed vision_tower.*: openai/clip-* and google/siglip-* folders (whole models) and transformers 4
+    towers have a `vision_model.` level (the text half, if any, is dropped); a transformers 5 vision model has none.
+    With a vision_config, the weights it has no place for are left out: the SigLIP layer and pooling head LLaVA-NeXT's
+    tower deletes (backbones.tower_config)."""
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip) else ""
     keep = [k for k in clip if k.startswith(prefix) and not k.endswith(_NON_PERSISTENT)]
-    return {f"vision_tower.{k.removeprefix(prefix)}": clip[k] for k in keep}
+    out = {f"vision_tower.{k.removeprefix(prefix)}": clip[k] for k in keep}
+    if vision_config is not None and vision_config.model_type == "siglip_vision_model":
+        n, head = vision_config.num_hidden_layers, getattr(vision_config, "vision_use_head", True)
+        layer = re.compile(r"vision_tower\.encoder\.layers\.(\d+)\.")
+        out = {k: v for k, v in out.items() if not ((m := layer.match(k)) and int(m.group(1)) >= n)
+               and (head or not k.startswith("vision_tower.head."))}  # fmt: skip
+    return out
+
+
+def folder_tower_config(folder: str, where: str):
+    """A tower folder's vision config, as LLaVA builds the tower (backbones.tower_config)."""
+    model_type = _config(folder).get("model_type")
+    tower_family(model_type, where)  # an unsupported type: one line naming the flag
+    return tower_config(folder, model_type)
 
 
 # ---------------------------------------------------------------------------------------------- weight files
@@ -211,7 +226,8 @@ def pretrained_state_dict(model_name_or_path: str, vision_tower: str) -> dict[st
     out = {f"llm.{k}": v for k, v in llm.items() if not k.endswith(_NON_PERSISTENT)}
     if "llm.lm_head.weight" not in out and "llm.model.embed_tokens.weight" in out:  # tied (tie_word_embeddings):
         out["llm.lm_head.weight"] = out["llm.model.embed_tokens.weight"]  # the model's state dict names it twice
-    return out | clip_vision_state(read_weights(local_folder(vision_tower, "--vision_tower"), "--vision_tower"))
+    tower = local_folder(vision_tower, "--vision_tower")
+    return out | clip_vision_state(read_weights(tower, "--vision_tower"), folder_tower_config(tower, "--vision_tower"))
 
 
 # ---------------------------------------------------------------------------------------------- mm_projector.bin
@@ -467,7 +483,8 @@ def llava_checkpoint_configs(path: str, vision_tower: str | None = None) -> tupl
     llava-hf: vocab_size is the original one (image_token_index, the first row the converter appended)."""
     kind, conf = _check_kind(path), _config(path)
     if kind == "llava":
-        return _llm_config(conf), CLIPVisionConfig.from_pretrained(clip_folder(path, vision_tower))
+        tower = clip_folder(path, vision_tower)
+        return _llm_config(conf), folder_tower_config(tower, f"{path!r}: its vision tower")
     read_settings(path)  # validates the vision feature settings
     llm_config = _llm_config(conf["text_config"])
     llm_config.vocab_size = min(llm_config.vocab_size, conf.get("image_token_index", 32000))
@@ -694,10 +711,10 @@ def run_configs(cfg) -> tuple[LlamaConfig, CLIPVisionConfig]:
     llm = local_folder(m.model_name_or_path, "--model_name_or_path")
     if checkpoint_kind(llm) is None:
         clip = local_folder(m.vision_tower, "--vision_tower")
-        check_tower_type(_config(clip).get("model_type"), f"--vision_tower {m.vision_tower}")
+        tower_family(_config(clip).get("model_type"), f"--vision_tower {m.vision_tower}")
         llm_config = AutoConfig.from_pretrained(llm)
         llm_family(llm_config, f"--model_name_or_path {m.model_name_or_path}")
-        return llm_config, CLIPVisionConfig.from_pretrained(clip)
+        return llm_config, folder_tower_config(clip, "--vision_tower")
     trained, flags = read_settings(llm), run_settings(cfg)
     for f in (f.name for f in fields(LlavaSettings) if f.name.startswith("mm_")):  # the model must be the one trained
         ours, theirs = getattr(flags, f), getattr(trained, f)

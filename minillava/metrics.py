@@ -53,20 +53,15 @@ class FlopModel:
         llm, tower = model.llm, model.vision_tower
         emb = llm.get_input_embeddings().weight.numel()
         vcfg = tower.config
-        vit_layers = (
-            vcfg.num_hidden_layers + model.mm_vision_select_layer + 1
-            if model.mm_vision_select_layer < 0
-            else model.mm_vision_select_layer
-        )
         trainable = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
         return cls(
             llm_matmul=_count(llm) - (0 if tied_embeddings(llm) else emb),  # a tied lm_head is counted once
             llm_layers=llm.config.num_hidden_layers,
             hidden=llm.config.hidden_size,
             vit_layer=_count(tower.encoder.layers[0]),
-            vit_layers_run=vit_layers,
+            vit_layers_run=model.tower_layers_run,
             vit_hidden=vcfg.hidden_size,
-            vit_tokens=(vcfg.image_size // vcfg.patch_size) ** 2 + 1,
+            vit_tokens=(vcfg.image_size // vcfg.patch_size) ** 2 + model.tower_cls,  # CLIP's CLS; SigLIP has none
             projector=_count(model.mm_projector),
             image_tokens=model.num_image_tokens,
             llm_trainable=trainable(llm.model.layers),

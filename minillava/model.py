@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from minillava.attention import VARLEN_ATTENTION, register_padded_sdpa, register_varlen_attention
-from minillava.backbones import build_llm
+from minillava.backbones import build_llm, build_tower, tower_family
 from minillava.constants import IGNORE_INDEX
 from minillava.layout import Batch, lay_out
 from minillava.lora import LoRALinear, is_lora_param
@@ -68,10 +68,11 @@ def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) 
     raise ValueError(f"--mm_projector_type {projector_type!r}: expected linear, mlp<N>x_gelu or identity")
 
 
-def _select_layer_forward(tower: CLIPVisionModel, pixel_values: Tensor, *, num_layers: int) -> Tensor:
-    """CLIP's hidden_states[num_layers] (before post_layernorm) without running the later layers."""
-    h = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))  # (N, 1+P, C)
-    h = tower.pre_layrnorm(h)  # = hidden_states[0]
+def _select_layer_forward(tower: nn.Module, pixel_values: Tensor, *, num_layers: int) -> Tensor:
+    """The tower's hidden_states[num_layers] (before post_layernorm) without running the later layers."""
+    h = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))  # (N, [1+]P, C)
+    if hasattr(tower, "pre_layrnorm"):  # CLIP's; SigLIP has none
+        h = tower.pre_layrnorm(h)  # = hidden_states[0]
     for layer in tower.encoder.layers[:num_layers]:
         h = layer(h, None)  # transformers 5 CLIPEncoderLayer(hidden_states, attention_mask): images need no mask
     return h
@@ -93,7 +94,7 @@ class LlavaModel(nn.Module):
     def __init__(
         self,
         llm: PreTrainedModel,
-        vision_tower: CLIPVisionModel,
+        vision_tower: nn.Module,
         settings: LlavaSettings | None = None,
         *,
         loss_chunk_size: int = 2048,
@@ -102,11 +103,14 @@ class LlavaModel(nn.Module):
         self.settings = settings = settings or LlavaSettings()
         mm_projector_type, mm_vision_select_layer = settings.mm_projector_type, settings.mm_vision_select_layer
         mm_vision_select_feature, model_max_length = settings.mm_vision_select_feature, settings.model_max_length
-        n = vision_tower.config.num_hidden_layers
+        n, family = vision_tower.config.num_hidden_layers, tower_family(vision_tower.config.model_type, "the tower")
         if not -(n + 1) <= mm_vision_select_layer <= n:
             raise ValueError(f"--mm_vision_select_layer {mm_vision_select_layer}: the tower has {n} layers")
         if mm_vision_select_feature not in SELECT_FEATURES:
             raise ValueError(f"--mm_vision_select_feature {mm_vision_select_feature!r}: expected {SELECT_FEATURES}")
+        if family.drop_last_layer and (mm_vision_select_layer not in (-1, -2) or mm_vision_select_feature != "patch"):
+            raise ValueError("a SigLIP tower is read as LLaVA-NeXT reads it: every patch of its second-to-last layer "
+                             "(--mm_vision_select_layer -2, --mm_vision_select_feature patch)")  # fmt: skip
         self.llm, self.vision_tower = llm, vision_tower
         self.mm_projector = build_projector(mm_projector_type, vision_tower.config.hidden_size, llm.config.hidden_size)
         self.mm_projector.to(llm.get_input_embeddings().weight.dtype)
@@ -116,7 +120,10 @@ class LlavaModel(nn.Module):
         self.loss_chunk_size = loss_chunk_size
         llm.config.use_cache = False  # training, as LLaVA's train.py
         vision_tower.requires_grad_(False)  # clip_encoder.py load_model: never trained in v1.5
-        num_layers = mm_vision_select_layer % (n + 1)  # hidden_states has n + 1 entries; -2 -> n - 1 layers run
+        # hidden_states has n + 1 entries; -2 -> n - 1 layers run. SigLIP: the tower was built without its last layer
+        # (backbones.tower_config), so all of it runs.
+        num_layers = n if family.drop_last_layer else mm_vision_select_layer % (n + 1)
+        self.tower_layers_run, self.tower_cls = num_layers, family.cls_token
         vision_tower.forward = functools.partial(_select_layer_forward, vision_tower, num_layers=num_layers)
 
     @property
@@ -136,8 +143,8 @@ class LlavaModel(nn.Module):
         """(N, 3, H, W) images -> (N, P, D) projected features in `dtype` (llava_arch.py encode_images)."""
         with torch.no_grad():  # the tower never gets a backward (clip_encoder.py forward)
             feats = self.vision_tower(pixel_values)  # (N, 1+P, C)
-        if self.mm_vision_select_feature == "patch":
-            feats = feats[:, 1:]  # drop CLS: (N, P, C), P = 576 at 336px
+        if self.mm_vision_select_feature == "patch" and self.tower_cls:
+            feats = feats[:, 1:]  # drop CLS: (N, P, C), P = 576 at 336px (SigLIP has none: 729 at 384px)
         return self.mm_projector(feats).to(dtype)  # (N, P, D); its input cast: _input_to_own_dtype
 
     def layout(self, raw: dict[str, Tensor], padding_free: bool | None = None) -> Batch:
@@ -315,7 +322,7 @@ def _attn_kw(attn_implementation: str, padding_free: bool = False) -> tuple[str,
 
 def build_llava_from_config(
     llm_config: PretrainedConfig,
-    vision_config: CLIPVisionConfig,
+    vision_config: PretrainedConfig,
     settings: LlavaSettings | None = None,
     *,
     dtype: torch.dtype = torch.float32,
@@ -326,5 +333,5 @@ def build_llava_from_config(
     """LlavaModel from configs with random weights; cheap under `with torch.device("meta"):` (load weights later)."""
     llm_attn, tower_attn = _attn_kw(attn_implementation, padding_free)
     llm = build_llm(llm_config, attn_implementation=llm_attn, dtype=dtype)  # the config's own class (backbones.py)
-    tower = CLIPVisionModel._from_config(vision_config, attn_implementation=tower_attn, dtype=dtype)
+    tower = build_tower(vision_config, attn_implementation=tower_attn, dtype=dtype)
     return LlavaModel(llm, tower, settings, loss_chunk_size=loss_chunk_size)
