@@ -17,7 +17,8 @@ from torch import nn
 @dataclass(frozen=True)
 class LLMFamily:
     model_type: str  # the LLM config's model_type
-    llava_model_type: str  # LLaVA-NeXT's model_type for a LLaVA model of this family
+    llava_model_type: str  # the model_type of a LLaVA-format folder of this family (LLaVA-NeXT's where it has one)
+    llava_class: str  # its architectures entry: LLaVA-NeXT's class
     examples: str  # for error messages and the README
     qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
 
@@ -25,12 +26,25 @@ class LLMFamily:
 LLM_FAMILIES = {
     f.model_type: f
     for f in (
-        LLMFamily("llama", "llava_llama", "Llama-2, Vicuna-v1.5, Llama-3.x"),
-        LLMFamily("mistral", "llava_mistral", "Mistral-7B"),
-        LLMFamily("qwen2", "llava_qwen", "Qwen2, Qwen2.5"),
-        LLMFamily("qwen3", "llava_qwen", "Qwen3", qk_norm=True),
+        LLMFamily("llama", "llava_llama", "LlavaLlamaForCausalLM", "Llama-2, Vicuna-v1.5, Llama-3.x"),
+        LLMFamily("mistral", "llava_mistral", "LlavaMistralForCausalLM", "Mistral-7B"),
+        LLMFamily("qwen2", "llava_qwen", "LlavaQwenForCausalLM", "Qwen2, Qwen2.5"),
+        # LLaVA-NeXT has no Qwen3 class (its "qwen" name match builds Qwen2's, without q/k norms): a type of our own
+        LLMFamily("qwen3", "llava_qwen3", "LlavaQwen3ForCausalLM", "Qwen3", qk_norm=True),
     )
 }
+
+
+def llava_folder_llm_type(conf: dict) -> str | None:
+    """The LLM model_type of a LLaVA-format folder's config.json (None: not one): its model_type, or for LLaVA's
+    plain "llava" (LLaVA-1.5, and lmms-lab's released LLaVA-NeXT configs) the architectures entry."""
+    by_llava = {f.llava_model_type: t for t, f in LLM_FAMILIES.items()}
+    if conf.get("model_type") in by_llava:
+        return by_llava[conf["model_type"]]
+    if conf.get("model_type") == "llava":
+        by_class = {f.llava_class: t for t, f in LLM_FAMILIES.items()}
+        return by_class.get((conf.get("architectures") or ["LlavaLlamaForCausalLM"])[0], "llama")
+    return None
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,8 @@ def supported_llms() -> str:
 def llm_family(config, where: str) -> LLMFamily:
     """The family of an LLM config; ValueError in one line naming the supported types otherwise (before any weight
     is read)."""
-    model_type = getattr(config, "model_type", None)
+    # the config class's type: a LLaVA folder read by LlamaConfig.from_pretrained keeps "llava_llama" on the instance
+    model_type = getattr(type(config), "model_type", None) or getattr(config, "model_type", None)
     if model_type not in LLM_FAMILIES:
         raise ValueError(f"{where}: model_type {model_type!r} is not a supported language model; supported: "
                          f"{supported_llms()}")  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import AddedToken, AutoTokenizer, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaProcessor
+from transformers import AddedToken, AutoConfig, AutoTokenizer, GenerationConfig, LlavaProcessor
 from transformers.models.llava import LlavaImageProcessorPil
 
 from minillava.conversation import get_template
@@ -33,6 +33,7 @@ from minillava.formats import (
     checkpoint_kind,
     fetch,
     fetch_checkpoint,
+    folder_tower_config,
     hf_config,
     load_llava_checkpoint_state,
     merged_lora_state,
@@ -95,6 +96,14 @@ def add_llava_tokens(tokenizer: Any) -> int:
     return image_id
 
 
+def _check_llava_1_5(llm_config, vision_config, where: str) -> None:
+    """The llava-hf export writes LLaVA-1.5's layout (a Llama LLM, a CLIP tower) so far."""
+    if llm_config.model_type != "llama" or vision_config.model_type != "clip_vision_model":
+        raise ValueError(f"{where}: a {llm_config.model_type} LLM with a {vision_config.model_type} tower has no "
+                         "llava-hf export yet (only LLaVA-1.5's Llama + CLIP); its LLaVA-format folder loads in "
+                         "minillava (generate) and in LLaVA-NeXT's builder")  # fmt: skip
+
+
 def _source(checkpoint: str | None, llm: str | None, adapter: str | None, clip: str | None) -> tuple:
     """(settings, llm_config, vision_config, state, CLIP folder, tokenizer folder) of either export source; folders
     and hub ids in, local folders out."""
@@ -102,13 +111,16 @@ def _source(checkpoint: str | None, llm: str | None, adapter: str | None, clip: 
         folder, clip = fetch_checkpoint(checkpoint, clip)
         if checkpoint_kind(folder) != "llava":
             raise ValueError(f"--checkpoint {checkpoint!r}: not a LLaVA-format stage-2 folder (model_type llava_llama)")
-        return read_settings(folder), *load_llava_checkpoint_state(folder, clip), clip, folder
+        settings, llm_config, vision_config, state = read_settings(folder), *load_llava_checkpoint_state(folder, clip)
+        _check_llava_1_5(llm_config, vision_config, checkpoint)
+        return settings, llm_config, vision_config, state, clip, folder
     if not (llm and adapter and clip):
         raise ValueError("give --checkpoint, or all of --model_name_or_path, --pretrain_mm_mlp_adapter, --vision_tower")
     llm, clip = fetch(llm, "--model_name_or_path"), fetch(clip, "--vision_tower")
     stage1 = os.path.dirname(os.path.abspath(adapter))  # a stage-1 output_dir has LLaVA's config.json next to it
     s = read_settings(stage1) if checkpoint_kind(stage1) == "llava" else LlavaSettings()
-    llm_config, vision_config = LlamaConfig.from_pretrained(llm), CLIPVisionConfig.from_pretrained(clip)
+    llm_config, vision_config = AutoConfig.from_pretrained(llm), folder_tower_config(clip, "--vision_tower")
+    _check_llava_1_5(llm_config, vision_config, llm)
     state = pretrained_state_dict(llm, clip) | projector_state(s.mm_projector_type, vision_config, llm_config, adapter)
     return s, llm_config, vision_config, state, clip, llm
 

@@ -3,8 +3,9 @@
 - LLaVA's key names (to_llava_key / from_llava_key): the module tree of llava/model/llava_arch.py.
 - mm_projector.bin: read and checked against the projector; its content when written (llava/train/train.py
   safe_save_model_for_hf_trainer, tune_mm_mlp_adapter branch).
-- a LLaVA stage-2 folder: config.json (LlavaLlamaForCausalLM, model_type llava_llama, LLaVA's mm_* fields) plus
-  sharded safetensors and their index, as llava/model/builder.py load_pretrained_model reads it.
+- a LLaVA stage-2 folder: config.json (LlavaLlamaForCausalLM, model_type llava_llama, or LLaVA-NeXT's class and
+  type for another LLM family; LLaVA's mm_* fields) plus sharded safetensors and their index, as
+  llava/model/builder.py load_pretrained_model reads it.
 - a llava-hf folder: transformers' LlavaForConditionalGeneration (convert_llava_weights_to_hf.py).
 - pretrained LLM / CLIP folders (safetensors, sharded or not, or pytorch_model*.bin), given as a local folder or a
   Hugging Face Hub id read from the hub cache (local_folder), as transformers' from_pretrained resolves a name.
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava import LlavaImageProcessorPil
 
-from minillava.backbones import llm_family, tower_config, tower_family
+from minillava.backbones import llava_folder_llm_type, llm_family, tower_config, tower_family
 from minillava.lora import merge_lora
 from minillava.model import LlavaSettings, build_projector
 
@@ -371,7 +372,7 @@ def checkpoint_kind(path: str) -> str | None:
         return "llava-hf"
     if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and "mm_hidden_size" in conf:
         return "llava-lora"
-    return "llava" if conf.get("model_type") in ("llava", "llava_llama") and "mm_hidden_size" in conf else None
+    return "llava" if llava_folder_llm_type(conf) and "mm_hidden_size" in conf else None
 
 
 def _check_kind(path: str) -> str:
@@ -385,13 +386,15 @@ def _check_kind(path: str) -> str:
 
 def llava_config(model: nn.Module, cfg, dtype: torch.dtype) -> dict:
     """A LLaVA folder's config.json: the LLM's config plus LLaVA's mm_* fields (llava/train/train.py,
-    llava/model/llava_arch.py), model_type llava_llama. The inverse of read_settings."""
+    llava/model/llava_arch.py), model_type the family's LLaVA one (llava_llama for LLaVA-1.5; LLaVA-NeXT's
+    llava_mistral, llava_qwen). The inverse of read_settings."""
     conf = model.llm.config.to_dict()
     m, t, s = cfg.model, cfg.train, run_settings(cfg)
     dtype_name = str(dtype).removeprefix("torch.")
+    family = llm_family(model.llm.config, "the LLM")
     conf.update(
-        model_type="llava_llama",
-        architectures=["LlavaLlamaForCausalLM"],
+        model_type=family.llava_model_type,
+        architectures=[family.llava_class],
         dtype=dtype_name,  # of the saved weights (the in-memory LLM config says float32)
         torch_dtype=dtype_name,  # the key transformers 4.x (LLaVA's loader) reads
         mm_vision_tower=s.vision_tower,
@@ -445,10 +448,13 @@ def read_settings(path: str) -> LlavaSettings:
     )
 
 
-def _llm_config(conf: dict) -> LlamaConfig:
-    """LlamaConfig from a LLaVA config.json: LLaVA's mm_* fields and model_type llava_llama are dropped."""
-    known = LlamaConfig().to_dict().keys() - {"model_type", "architectures", "transformers_version"}
-    return LlamaConfig(**{k: v for k, v in conf.items() if k in known | {"rope_theta", "rope_scaling"}})
+def _llm_config(conf: dict):
+    """The LLM's config from a LLaVA config.json (its family from the LLaVA model_type): LLaVA's mm_* fields and the
+    LLaVA model_type are dropped."""
+    model_type = llava_folder_llm_type(conf) or conf.get("model_type", "llama")
+    config_class = type(AutoConfig.for_model(model_type))
+    known = config_class().to_dict().keys() - {"model_type", "architectures", "transformers_version"}
+    return config_class(**{k: v for k, v in conf.items() if k in known | {"rope_theta", "rope_scaling"}})
 
 
 def clip_folder(path: str, vision_tower: str | None) -> str:
