@@ -277,9 +277,9 @@ def describe(cfg: Config, plan: Plan) -> str:
     ])  # fmt: skip
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
     """The planner's own flags; the rest are train.py's."""
-    p = argparse.ArgumentParser(prog="python -m minillava.plan", add_help=False)
+    p = argparse.ArgumentParser(prog="python -m minillava.plan [train.py flags]", add_help=False)
     p.add_argument("--nproc_per_node", type=int, default=8, help="ranks per node (torchrun's)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun's)")
     p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one card, GiB")
@@ -290,14 +290,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="plan for samples of this many LLM tokens (e.g. 617 for LLaVA-558K: 576 image + ~40 text) "
                    "instead of --data_path's longest")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("-h", "--help", action="store_true")
-    return p.parse_known_args(argv)
+    p.add_argument("-h", "--help", action="store_true", help="this text (train.py --help lists the training flags)")
+    return p, *p.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = parse(sys.argv[1:] if argv is None else argv)
+    parser, args, rest = parse(sys.argv[1:] if argv is None else argv)
     if args.help:
-        print(__doc__.strip())
+        print(__doc__.strip() + "\n")
+        parser.print_help()
         return 0
     try:
         cfg = parse_args(rest)

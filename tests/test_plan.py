@@ -162,3 +162,9 @@ def test_train_plans_with_the_data(assets, tmp_path, capsys, monkeypatch):
     assert len(lengths) == 2 and 4 < min(lengths) <= max(lengths) < 100  # the tiny dataset's, not 1024
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory plan: "))
     assert "activation checkpointing (auto): 0 of 2 decoder layers" in line and "% of it usable" in line
+
+
+def test_help_lists_the_planners_flags(capsys):
+    assert P.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Will it fit?") and all(f in out for f in ("--nproc_per_node", "--gpu_memory_gb", "--json"))
