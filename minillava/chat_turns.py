@@ -44,6 +44,12 @@ def _token_id(tokenizer: Any, token: str) -> int:
     return ids[0]
 
 
+def _without_bos(text: str, tokenizer: Any) -> str:
+    """A rendered chat template without its leading {{ bos_token }}."""
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
 def qwen_turn(role: str, content: str) -> str:
     """preprocess_qwen's chat template: <|im_start|>{role}\\n{content}<|im_end|>\\n (no trim, no default system)."""
     return f"<|im_start|>{role}\n{content}<|im_end|>\n"
@@ -54,9 +60,8 @@ def llama3_turn(tokenizer: Any) -> Callable[[str, str], str]:
     template's {{ bos_token }}); Llama-3.1/3.2 templates add their dated system block to every turn, as there."""
 
     def render(role: str, content: str) -> str:
-        text = tokenizer.apply_chat_template([{"role": role, "content": content}], tokenize=False)
-        bos = tokenizer.bos_token
-        return text[len(bos) :] if bos and text.startswith(bos) else text
+        return _without_bos(tokenizer.apply_chat_template([{"role": role, "content": content}], tokenize=False),
+                            tokenizer)  # fmt: skip
 
     return render
 
@@ -96,5 +101,4 @@ def inference_prompt(style: str, system: str, user: str, tokenizer: Any | None =
         raise ValueError("the llava_llama_3 prompt is rendered by the tokenizer's chat template: pass the tokenizer")
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    return text[len(bos) :] if bos and text.startswith(bos) else text  # the tokenizer adds BOS itself
+    return _without_bos(text, tokenizer)  # the tokenizer adds BOS itself

@@ -65,6 +65,7 @@ class CheckpointPlan:
     estimate_bytes: int
     budget_bytes: int
     mode: str  # what was asked: True, False or auto
+    shard_group: int = 1  # ranks each sharded parameter is split over (the estimate's)
 
     def describe(self) -> str:
         gib = 2**30
@@ -154,4 +155,4 @@ def plan_checkpointing(
         k = next(fits, n_layers)
     else:
         k = n_layers if mode else 0
-    return CheckpointPlan(k, n_layers, estimate(model, t, shard_group, lengths, k), budget, str(mode))
+    return CheckpointPlan(k, n_layers, estimate(model, t, shard_group, lengths, k), budget, str(mode), shard_group)

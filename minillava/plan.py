@@ -35,7 +35,7 @@ from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.data import load_records, load_tokenizer, longest_samples
 from minillava.formats import local_folder, run_configs
 from minillava.layout import Batch, lay_out
-from minillava.memory import BUDGET, estimate, micro_batch_tokens
+from minillava.memory import BUDGET, micro_batch_tokens
 from minillava.metrics import PEAK_BF16_FLOPS
 from minillava.model import image_tokens
 from minillava.optim import build_optimizer
@@ -208,7 +208,6 @@ def trace(cfg: Config, configs: tuple, *, nnodes: int, nproc_per_node: int, gpu_
             warnings.filterwarnings("ignore", message=known)
         model, flops, plan = sharded_model(cfg, info, configs, lengths=lengths, device_bytes=device_bytes,
                                            local_world_size=nproc_per_node)  # fmt: skip
-        shard = world if not t.hsdp else nproc_per_node
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         with fake:
             model.to_empty(device=torch.device("cpu"))
@@ -228,17 +227,16 @@ def trace(cfg: Config, configs: tuple, *, nnodes: int, nproc_per_node: int, gpu_
         grads = sum(local(p).numel() * local(p).element_size() for p in model.parameters() if p.requires_grad)
         opt = sum(local(v).nbytes for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         peak = tracker.peak()
-        est = estimate(model, t, shard, lengths, plan.layers)
     total = peak.get("Total", 0)
     activations = peak.get("Activation", 0)
     sample_flops = sum(map(flops.sample_flops, lengths))
     step_s = sample_flops / (mfu * peak_tflops * 1e12)  # one micro-batch on one rank
     return Plan(
-        world=world, shard_group=shard, micro_batch=lengths, tokens=tokens, lengths_from=lengths_from,
+        world=world, shard_group=plan.shard_group, micro_batch=lengths, tokens=tokens, lengths_from=lengths_from,
         checkpointed_layers=plan.layers, total_layers=plan.total_layers,
         parameters_gib=params / GIB, gradients_gib=grads / GIB, optimizer_gib=opt / GIB,
         activations_gib=activations / GIB, temporaries_gib=max(0, total - params - opt - activations) / GIB,
-        traced_peak_gib=total / GIB, estimate_gib=est / GIB, gpu_memory_gib=gpu_memory_gib,
+        traced_peak_gib=total / GIB, estimate_gib=plan.estimate_bytes / GIB, gpu_memory_gib=gpu_memory_gib,
         budget_gib=device_bytes * BUDGET / GIB, fits=total <= device_bytes * BUDGET, mfu=mfu,
         tokens_per_s=world * sum(lengths) / step_s, samples_per_s=world * len(lengths) / step_s,
         trace_seconds=time.perf_counter() - t0,
