@@ -23,8 +23,9 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class Template:
-    """A LLaVA conversation template; style "two" is SeparatorStyle.TWO, "plain" is SeparatorStyle.PLAIN; "qwen" and
-    "llama3" are LLaVA-NeXT's turn-by-turn templates (chat_turns.py), whose system is the inference prompt's."""
+    """A LLaVA conversation template. Its style is the SeparatorStyle: "two" (TWO), "plain" (PLAIN), "mpt" (MPT) and
+    "llama_2" (LLAMA_2) are labelled from the answers' boundaries here; "qwen" and "llama3" are LLaVA-NeXT's
+    turn-by-turn templates (chat_turns.py), whose system is the inference prompt's."""
 
     system: str
     roles: tuple[str, str]
@@ -40,6 +41,8 @@ _SYSTEM = (  # conv_vicuna_v1 says "user", conv_llava_v1 says "human"
 _V1 = Template(_SYSTEM.format("user"), ("USER", "ASSISTANT"), " ", "</s>", "two")  # conversation.py L242
 _PLAIN = Template("", ("", ""), "\n", None, "plain")  # conv_llava_plain, conversation.py L291
 _QWEN = Template("You are a helpful assistant.", ("user", "assistant"), "<|im_end|>", None, "qwen")
+_CHATML_DIRECT = Template("<|im_start|>system\nAnswer the questions.",
+                          ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>", None, "mpt")
 TURN_STYLES = ("qwen", "llama3")
 TEMPLATES: dict[str, Template] = {
     "plain": _PLAIN,
@@ -53,6 +56,9 @@ TEMPLATES: dict[str, Template] = {
     "qwen_2_5": Template("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
                          ("user", "assistant"), "<|im_end|>", None, "qwen"),
     "llava_llama_3": Template(LLAMA3_SYSTEM, ("user", "assistant"), "<|eot_id|>", None, "llama3"),
+    "chatml_direct": _CHATML_DIRECT,  # conv_chatml_direct L554 (llava-v1.6-34b's Yi format)
+    "mistral_direct": _CHATML_DIRECT,  # conv_mistral_direct L543: the same template
+    "mistral_instruct": Template("", ("USER", "ASSISTANT"), "", "</s>", "llama_2"),  # conv_mistral_instruct L399
 }
 KNOWN_VERSIONS: tuple[str, ...] = tuple(TEMPLATES)
 _ROLES = ("human", "gpt")
@@ -112,7 +118,8 @@ def check_conversations(conversations: Any, version: str, has_image: bool) -> li
             raise ValueError(f"turn {j} must be {{'from': 'human'|'gpt', 'value': str}}, got {str(turn)[:80]!r}")
         if not turn["value"]:  # Conversation.get_prompt renders it as a bare "ROLE:" with no separator
             raise ValueError(f"turn {j} ({turn['from']}) has an empty value")
-    leading_gpt_dropped = template.style in ("two", *TURN_STYLES)  # train.py L423 (LLaVA-NeXT: L589, L669)
+    # train.py L423 (LLaVA-NeXT: preprocess_llama_2, _mpt, _qwen, _llama3 likewise); plain keeps the 2-turn rule
+    leading_gpt_dropped = template.style != "plain"
     turns = conversations[1:] if conversations[0]["from"] == "gpt" and leading_gpt_dropped else conversations
     for j, turn in enumerate(turns):
         if turn["from"] != _ROLES[j % 2]:
@@ -132,22 +139,33 @@ def check_conversations(conversations: Any, version: str, has_image: bool) -> li
     return turns
 
 
+def _turn(t: Template, j: int, msg: str) -> tuple[str, str]:
+    """Turn j as Conversation.get_prompt renders it: (unsupervised part, supervised part); user turns are all
+    unsupervised. The supervised part is what LLaVA's preprocess_* length arithmetic intends to label."""
+    if t.style == "two":  # role + ": " + msg + (" " | "</s>"): the answer's span starts at the space ('▁The')
+        return (f"{t.roles[0]}: {msg}{t.sep}", "") if j % 2 == 0 else (f"{t.roles[1]}:", f" {msg}{t.sep2}")
+    if t.style == "mpt":  # role (with its "<|im_start|>...\n") + msg + "<|im_end|>"
+        return (f"{t.roles[0]}{msg}{t.sep}", "") if j % 2 == 0 else (t.roles[1], f"{msg}{t.sep}")
+    if t.style == "llama_2":  # "[INST] " + <<SYS>> block (first turn) + msg + " [/INST]", then " " + msg + " </s>"
+        system = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n" if t.system and j == 0 else ""
+        return (f"{t.sep if j else ''}[INST] {system}{msg} [/INST]", "") if j % 2 == 0 else ("", f" {msg} {t.sep2}")
+    raise ValueError(f"template style {t.style!r} is not rendered here")
+
+
 def _render(template: Template, turns: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The training prompt and the character spans of its supervised parts."""
     if template.style == "plain":
         # preprocess_plain (L588-607): the instruction is dropped; "<image>" + caption + "\n", caption supervised.
         text = DEFAULT_IMAGE_TOKEN + turns[1]["value"] + template.sep
         return text, [(len(DEFAULT_IMAGE_TOKEN), len(text))]
-    # Conversation.get_prompt, SeparatorStyle.TWO: sys + " " + per turn role + ": " + msg + (" " | "</s>").
-    # The supervised span starts at the space after "ASSISTANT:" (so the answer's first token is e.g. '▁The')
-    # and ends after the closing "</s>" (the intended result of train.py preprocess_v1).
-    text, spans = template.system + template.sep, []
+    # get_prompt: the system and its separator first (LLAMA_2 puts its system inside the first [INST] instead)
+    text, spans = ("" if template.style == "llama_2" else template.system + template.sep), []
     for j, turn in enumerate(turns):
-        text += template.roles[j % 2] + ":"
-        start = len(text)
-        text += " " + turn["value"] + (template.sep2 if j % 2 else template.sep)
-        if j % 2:
-            spans.append((start, len(text)))
+        head, supervised = _turn(template, j, turn["value"])
+        text += head
+        if supervised:
+            spans.append((len(text), len(text) + len(supervised)))
+            text += supervised
     return text, spans
 
 
@@ -191,7 +209,8 @@ def preprocess(
     """Validate, render and tokenize one record's turns -> (input_ids, labels), untruncated (as LLaVA's image path).
 
     plain: [BOS, -200, caption..., "\\n"] with BOS and image masked, no EOS. v1: only the assistant answers, each with
-    its closing </s>, are supervised. qwen_* and llava_llama_3: chat_turns.preprocess_turns. Raises ValueError
+    its closing </s>, are supervised; chatml_direct and mistral_instruct likewise (each answer with its <|im_end|>,
+    or " answer </s>"). qwen_* and llava_llama_3: chat_turns.preprocess_turns. Raises ValueError
     (TokenizationMismatch if pieces do not line up)."""
     template = get_template(version)
     turns = check_conversations(conversations, version, has_image)
@@ -200,7 +219,8 @@ def preprocess(
     if template.style in TURN_STYLES:  # LLaVA-NeXT's turn-by-turn labelling (chat_turns.py)
         return preprocess_turns(turns, tokenizer, template.style)
     text, spans = _render(template, turns)
-    return _labels(text, spans, tokenizer, template.sep2)
+    restart = template.sep if template.style == "mpt" else template.sep2  # the special token closing each answer
+    return _labels(text, spans, tokenizer, restart)
 
 
 def build_inference_prompt(question: str, version: str, has_image: bool, tokenizer: Tokenizer | None = None) -> str:
@@ -215,4 +235,5 @@ def build_inference_prompt(question: str, version: str, has_image: bool, tokeniz
     user = DEFAULT_IMAGE_TOKEN + "\n" + question if has_image else question
     if template.style in TURN_STYLES:
         return inference_prompt(template.style, template.system, user, tokenizer)
-    return f"{template.system}{template.sep}{template.roles[0]}: {user}{template.sep}{template.roles[1]}:"
+    text, _ = _render(template, [{"from": "human", "value": user}])  # get_prompt with an open assistant turn
+    return text + _turn(template, 1, "")[0]

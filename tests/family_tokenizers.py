@@ -1,6 +1,6 @@
 """Tiny byte-level BPE tokenizers built in-process, with each family's special tokens, pre-tokenizer regex and chat
 template: Qwen2's (<|im_start|>/<|im_end|>, pad <|endoftext|>, no BOS, no unk) and Llama-3-Instruct's
-(<|begin_of_text|> added as BOS, header and <|eot_id|> tokens, no pad, no unk)."""
+(<|begin_of_text|> added as BOS, header and <|eot_id|> tokens, no pad, no unk); and a ChatML one with a BOS (Yi's)."""
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -58,3 +58,14 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     fast.chat_template = LLAMA3_TEMPLATE
     return fast
+
+
+def chatml_bos_tokenizer() -> PreTrainedTokenizerFast:
+    """ChatML with a BOS, as Yi-34B-Chat's (llava-v1.6-34b's LLM, chatml_direct's template): <|startoftext|> added to
+    every encoding, <|im_start|>/<|im_end|> specials, pad <unk>."""
+    tok = _bpe(QWEN2_PATTERN, ["<unk>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    bos = tok.token_to_id("<|startoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A", pair="<|startoftext|> $A $B",
+                                                       special_tokens=[("<|startoftext|>", bos)])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", pad_token="<unk>")  # fmt: skip

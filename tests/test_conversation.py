@@ -419,3 +419,120 @@ def test_ids_equal_llava_slow_tokenizer(tokenizer_dir, legacy):
         assert tokenizer_image_token(prompt, tok) == expected, prompt
     caption = tokenizer_image_token(prompts[0], tok)
     assert tok.convert_ids_to_tokens(caption[2:4]) == ["▁", "▁A"]
+
+
+# ---------------------------------------------------------------- LLaVA-NeXT's separator templates
+
+TWO_ROUNDS = [H("<image>\nQ1?"), G("A1."), H("Q2?"), G("A2.")]
+
+
+def test_next_separator_templates_render_as_llava_next():
+    """Conversation.get_prompt of conv_chatml_direct (MPT) and conv_mistral_instruct (LLAMA_2), LLaVA-NeXT's
+    conversation.py, for the reference's two-round example; and the open assistant turn for inference."""
+    chatml = ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ1?<|im_end|>"
+              "<|im_start|>assistant\nA1.<|im_end|><|im_start|>user\nQ2?<|im_end|><|im_start|>assistant\nA2.<|im_end|>")
+    for version in ("chatml_direct", "mistral_direct"):
+        text, spans = _render(get_template(version), TWO_ROUNDS)
+        assert text == chatml and [text[a:b] for a, b in spans] == ["A1.<|im_end|>", "A2.<|im_end|>"]
+    assert build_inference_prompt("Q?", "chatml_direct", True) == (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ?<|im_end|>"
+        "<|im_start|>assistant\n")
+    text, spans = _render(get_template("mistral_instruct"), TWO_ROUNDS)
+    assert text == "[INST] <image>\nQ1? [/INST] A1. </s>[INST] Q2? [/INST] A2. </s>"
+    assert [text[a:b] for a, b in spans] == [" A1. </s>", " A2. </s>"]
+    assert build_inference_prompt("Q?", "mistral_instruct", True) == "[INST] <image>\nQ? [/INST]"
+    assert build_inference_prompt("Q?", "mistral_instruct", False) == "[INST] Q? [/INST]"
+
+
+def next_preprocess(turns, tokenizer, has_image, version, legacy=False):
+    """LLaVA-NeXT's preprocess_llama_2 (train.py L409-481) and preprocess_mpt (L804-882), transcribed: round lengths
+    by re-tokenizing pieces; llama_2 subtracts 2 (BOS and the lone '▁' of "[/INST] "), mpt starts at 1 and regroups
+    system + user + assistant into its first round. Returns (ids, labels, mismatch)."""
+    template = get_template(version)
+    turns = preprocess_multimodal(turns) if has_image else turns
+    prompt = _render(template, turns)[0]
+    tok = lambda s: tokenizer_image_token(s, tokenizer)  # noqa: E731 (text-only: the same ids as tokenizer(s))
+    ids = tok(prompt)
+    target, total_len, cur_len = list(ids), len(ids), 1
+    target[0] = IGNORE_INDEX
+    if template.style == "llama_2":
+        sep, rounds, minus = "[/INST] ", prompt.split(template.sep2), 2
+    else:
+        sep, pieces, minus = template.sep + template.roles[1], prompt.split(template.sep), 1
+        rounds = [template.sep.join(pieces[:3])]
+        rounds += [template.sep.join(pieces[i : i + 2]) for i in range(3, len(pieces), 2)]
+    for i, rou in enumerate(rounds):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len, instruction_len = len(tok(rou)), len(tok(parts[0])) - minus
+        if template.style == "mpt" and i != 0 and legacy:
+            round_len, instruction_len = round_len + 1, instruction_len + 1
+        for k in range(cur_len, min(cur_len + instruction_len, total_len)):
+            target[k] = IGNORE_INDEX
+        cur_len += round_len
+    target[cur_len:] = [IGNORE_INDEX] * max(0, total_len - cur_len)
+    mismatch = cur_len != total_len
+    return ids, ([IGNORE_INDEX] * total_len if mismatch else target), mismatch
+
+
+def test_mistral_instruct_labels_equal_llava_next_preprocess_llama_2(tokenizer, legacy_tokenizer):
+    """Mistral's SentencePiece vocabulary (the fixture's): with a legacy tokenizer (Mistral's fast one) LLaVA-NeXT's
+    arithmetic and our boundaries give the same ids and labels. Non-legacy, "[INST]" after "</s>" loses its '▁' and
+    the arithmetic (which has no correction for it, unlike preprocess_v1) masks every multi-turn sample; single-turn
+    ones agree, and ours still supervise exactly each " answer </s>"."""
+    for turns, has_image in random_conversations(60, seed=4):
+        ids, labels, mismatch = next_preprocess(turns, legacy_tokenizer, has_image, "mistral_instruct")
+        assert not mismatch, turns
+        assert preprocess(turns, legacy_tokenizer, "mistral_instruct", has_image) == (ids, labels), turns
+        ids, labels, mismatch = next_preprocess(turns, tokenizer, has_image, "mistral_instruct")
+        ours = preprocess(turns, tokenizer, "mistral_instruct", has_image)
+        assert mismatch == (len(turns) > 2)
+        if not mismatch:
+            assert ours == (ids, labels)
+        answers = [tokenizer.decode(ours[0][a:b]) for a, b in supervised_runs(ours[1])]
+        assert "".join(answers) == "".join(f"{t['value']} </s>" for t in turns[1::2])
+
+
+def test_chatml_direct_labels_equal_llava_next_preprocess_mpt_with_a_bos_tokenizer():
+    """With a BOS-adding ChatML tokenizer (Yi's, llava-v1.6-34b) LLaVA-NeXT's preprocess_mpt and ours agree, except
+    where an answer starts with "\n": a byte-level vocabulary merges it with the header's "\n" into one token that
+    is half header, half answer. LLaVA-NeXT's counts mask that token; ours cannot place the boundary and masks the
+    sample, as a counted tokenization mismatch (data.py), never a shifted label."""
+    from family_tokenizers import chatml_bos_tokenizer
+
+    tok = chatml_bos_tokenizer()
+    agree = 0
+    for turns, has_image in random_conversations(60, seed=5):
+        ids, labels, mismatch = next_preprocess(turns, tok, has_image, "chatml_direct")
+        assert not mismatch and ids[0] == tok.bos_token_id, turns
+        if any(t["value"].startswith("\n") for t in turns[1::2]):
+            with pytest.raises(TokenizationMismatch, match=r"assistant\\n' is not a token prefix"):
+                preprocess(turns, tok, "chatml_direct", has_image)
+            continue
+        assert preprocess(turns, tok, "chatml_direct", has_image) == (ids, labels), turns
+        agree += 1
+    assert agree == 57
+
+
+def test_chatml_direct_with_qwen_supervises_the_answers_where_llava_next_masks_multi_turn_samples():
+    """A Qwen tokenizer adds no BOS: LLaVA-NeXT's count, which starts at 1 for the BOS and lets each round's BOS stand
+    in for its dropped <|im_end|>, falls one token short per later round, so every multi-turn sample is a
+    "tokenization mismatch" and trains nothing. Single-turn samples agree; ours supervise exactly each answer and its
+    <|im_end|> either way."""
+    from family_tokenizers import qwen2_tokenizer
+
+    tok = qwen2_tokenizer()
+    samples = [(t, i) for t, i in random_conversations(30, seed=6) if not any(g["value"].startswith("\n") for g in t)]
+    assert sum(len(t) == 2 for t, _ in samples) > 3 and sum(len(t) > 2 for t, _ in samples) > 10
+    for turns, has_image in samples:
+        ids, labels, mismatch = next_preprocess(turns, tok, has_image, "chatml_direct")
+        ours_ids, ours = preprocess(turns, tok, "chatml_direct", has_image)
+        assert ours_ids == ids and mismatch == (len(turns) > 2)
+        if not mismatch:
+            assert ours == labels
+        answers = [tok.decode(ids[a:b]) for a, b in supervised_runs(ours)]
+        assert answers == [t["value"] + "<|im_end|>" for t in turns[1::2]]
