@@ -439,8 +439,11 @@ def read_settings(path: str) -> LlavaSettings:
         )
     layer, strategy = get("vision_feature_layer", -2), get("vision_feature_select_strategy", "default")
     text, bias = conf["text_config"].get("model_type", "llama"), get("multimodal_projector_bias", True)
-    if not isinstance(layer, int) or get("projector_hidden_act", "gelu") != "gelu" or text != "llama" or not bias:
-        raise ValueError(f"{path!r}: only Llama + one int vision_feature_layer + biased gelu MLP maps to LLaVA-1.5")
+    tower = conf["vision_config"].get("model_type", "clip_vision_model")
+    if not isinstance(layer, int) or get("projector_hidden_act", "gelu") != "gelu" or not bias or \
+            (text, tower) != ("llama", "clip_vision_model"):  # fmt: skip
+        raise ValueError(f"{path!r}: only Llama + CLIP + one int vision_feature_layer + biased gelu MLP maps to "
+                         f"LLaVA-1.5 (this one: {text} + {tower}); read other llava-hf folders with transformers")
     return LlavaSettings(
         mm_vision_select_layer=layer,
         mm_vision_select_feature={v: k for k, v in _STRATEGY.items()}[strategy],
@@ -510,15 +513,16 @@ def _hf_state(path: str) -> dict[str, Tensor]:
     return {from_hf_key(k, path): v for k, v in model.state_dict().items()}
 
 
-def _llava_state(path: str, vision_tower: str | None) -> dict[str, Tensor]:
-    """A LLaVA folder's tensors keyed by our names; CLIP from the checkpoint's copy, else from the CLIP folder."""
+def _llava_state(path: str, vision_tower: str | None, vision_config) -> dict[str, Tensor]:
+    """A LLaVA folder's tensors keyed by our names; the tower from the checkpoint's copy, else from its folder (less
+    what vision_config has no place for: SigLIP's dropped layer and head)."""
     state = read_weights(path, "checkpoint")
     clip = {k.removeprefix(_LLAVA_TOWER): v for k, v in state.items() if k.startswith(_LLAVA_TOWER)}
     out = {from_llava_key(k, path): v for k, v in state.items() if not k.startswith(_LLAVA_TOWER)}
     out = {k: v for k, v in out.items() if not k.endswith(_NON_PERSISTENT)}
     if not clip:  # LLaVA's FSDP path (and some released checkpoints) save no CLIP copy
         clip = read_weights(clip_folder(path, vision_tower), "--vision_tower")
-    return out | clip_vision_state(clip)
+    return out | clip_vision_state(clip, vision_config)
 
 
 def load_llava_checkpoint_state(
@@ -533,29 +537,35 @@ def load_llava_checkpoint_state(
     if checkpoint_kind(path) == "llava-hf":
         state = _hf_state(path)
         return llm_config, vision_config, state | {k: state[k][: llm_config.vocab_size] for k in EMBEDDINGS}
-    return llm_config, vision_config, _llava_state(path, vision_tower)
+    return llm_config, vision_config, _llava_state(path, vision_tower, vision_config)
 
 
 # ---------------------------------------------------------------------------------------------- llava-hf folders
 
 
-def hf_config(llm: LlamaConfig, vision: CLIPVisionConfig, s: LlavaSettings, vocab: int, image_id: int) -> LlavaConfig:
-    """The LlavaConfig of an export: gelu MLP projector, vision_feature_layer = mm_vision_select_layer."""
+def hf_config(llm, vision, s: LlavaSettings, vocab: int, image_id: int, pad_id: int) -> LlavaConfig:
+    """The LlavaConfig of an export: the LLM's own config class (text_config.model_type llama, mistral, qwen2, qwen3),
+    a gelu MLP projector, and the tower read as minillava reads it: CLIP's hidden_states[mm_vision_select_layer]
+    ("default" drops the CLS); SigLIP's last layer of the tower we keep, which LLaVA-NeXT's is already one short of
+    (hidden_states[-1], every patch: "full")."""
     if s.mm_projector_type != "mlp2x_gelu":
         raise ValueError(
             f"mm_projector_type {s.mm_projector_type!r}: LlavaForConditionalGeneration has mlp2x_gelu only"
         )
+    family, tied = tower_family(vision.model_type, "the tower"), bool(getattr(llm, "tie_word_embeddings", False))
+    text = type(llm).from_dict({**llm.to_dict(), "vocab_size": vocab})  # pad_token_id: the LLM's (Vicuna: 0)
+    cls = family.cls_token and s.mm_vision_select_feature == "cls_patch"
     return LlavaConfig(
-        text_config=LlamaConfig.from_dict({**llm.to_dict(), "vocab_size": vocab}),  # pad_token_id: the LLM's (0)
+        text_config=text,
         vision_config=vision,
         image_token_index=image_id,
-        image_seq_length=(vision.image_size // vision.patch_size) ** 2 + (s.mm_vision_select_feature == "cls_patch"),
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2 + cls,
         projector_hidden_act="gelu",  # exact erf GELU, as LLaVA's nn.GELU() (multimodal_projector/builder.py)
-        vision_feature_layer=s.mm_vision_select_layer,
-        vision_feature_select_strategy=_STRATEGY[s.mm_vision_select_feature],
+        vision_feature_layer=-1 if family.drop_last_layer else s.mm_vision_select_layer,
+        vision_feature_select_strategy=_STRATEGY[s.mm_vision_select_feature] if family.cls_token else "full",
         multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-        pad_token_id=image_id + 1,  # <pad>, added right after <image>
+        tie_word_embeddings=tied,  # Qwen2-0.5B: lm_head is the embedding
+        pad_token_id=pad_id,
     )
 
 
@@ -565,6 +575,8 @@ def build_hf_model(config: LlavaConfig, state: dict[str, Tensor]) -> LlavaForCon
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     model.load_state_dict({to_hf_key(k): v for k, v in state.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
     lm, emb = model.model.language_model, model.model.vision_tower.embeddings  # non-persistent buffers: recompute
     lm.rotary_emb = type(lm.rotary_emb)(config=config.text_config)
     emb.register_buffer("position_ids", torch.arange(emb.num_positions).expand(1, -1), persistent=False)

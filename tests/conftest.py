@@ -53,6 +53,44 @@ def tiny_llama_config(vocab_size: int = 512, **kw):
     return LlamaConfig(**args)
 
 
+FAMILIES = {  # tiny LLM configs with each family's quirks: (config class name, quirks)
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(sliding_window=64, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v biases; no lm_head.weight on disk
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=16)),  # q/k norms; head_dim != hidden / heads
+}
+
+
+def tiny_family_config(family: str, vocab_size: int = 512):
+    import transformers
+
+    config_class, quirks = FAMILIES[family]
+    return getattr(transformers, config_class)(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=512, pad_token_id=0, **quirks)  # fmt: skip
+
+
+SIGLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+                     patch_size=14)  # fmt: skip 2 x 2 = 4 patches, no CLS
+
+
+def siglip_folder(root, whole: bool = False) -> str:
+    """A SigLIP tower folder (a SiglipVisionModel, or a whole SiglipModel with its text half) with its processor."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip import SiglipImageProcessorPil
+
+    torch.manual_seed(0)
+    folder = os.path.join(root, "siglip_whole" if whole else "siglip")
+    if whole:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        SiglipModel(SiglipConfig(text_config=text, vision_config=SIGLIP_VISION)).save_pretrained(folder)
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**SIGLIP_VISION)).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder
+
+
 def tiny_clip_config(**kw):
     from transformers import CLIPVisionConfig
 

@@ -15,7 +15,7 @@ from transformers import AutoProcessor, AutoTokenizer, CLIPVisionConfig, LlamaCo
 import train
 from minillava import export, formats
 from minillava.constants import IMAGE_TOKEN_INDEX
-from minillava.conversation import build_inference_prompt, tokenizer_image_token
+from minillava.conversation import KNOWN_VERSIONS, build_inference_prompt, get_template, tokenizer_image_token
 from minillava.data import load_image_processor, load_tokenizer, process_image
 from minillava.generate import load_model
 
@@ -234,3 +234,21 @@ def test_finetune_from_llava_and_llava_hf_folders(ckpt, assets, tmp_path):
     with pytest.raises(ValueError, match="was trained with"):
         argv = flags(assets, str(tmp_path / "bad"), stage=2, model_name_or_path=ckpt[0], mm_vision_select_layer=-3)
         train.main([a for a in argv if a not in ("--init_projector", "random")])
+
+
+@pytest.mark.parametrize("version", [v for v in KNOWN_VERSIONS if get_template(v).style != "plain"])
+def test_chat_template_is_the_inference_prompt_of_every_version(version):
+    """The processor's chat template renders what generate and LLaVA's eval prompt with, for every template (an
+    image first, then the question, an open assistant turn), and a conversation with a system message."""
+    from family_tokenizers import llama3_tokenizer
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    template = _compile_jinja_template(export.chat_template(version))
+    image_q = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    want = build_inference_prompt(QUESTION, version, True, llama3_tokenizer())
+    assert template.render(messages=image_q, add_generation_prompt=True) == want
+    turns = [{"role": "system", "content": "S."}, {"role": "user", "content": "Q1?"},
+             {"role": "assistant", "content": "A1."}, {"role": "user", "content": "Q2?"}]  # fmt: skip
+    text = template.render(messages=turns, add_generation_prompt=True)
+    assert "S." in text and text.index("Q1?") < text.index("A1.") < text.index("Q2?")
+    assert text.endswith(build_inference_prompt("Q2?", version, False, llama3_tokenizer()).rpartition("Q2?")[2])

@@ -1,15 +1,14 @@
 """SigLIP towers read as LLaVA-NeXT's SigLipVisionTower reads them (llava/model/multimodal_encoder/siglip_encoder.py):
 the last encoder layer and the pooling head gone, every patch (no CLS) of the layer before it, before post_layernorm;
 its image processor (an exact resize, mean and std 0.5, no crop); a whole SiglipModel folder's vision half; the
-image token count everywhere; and stage 1 -> stage 2 -> generate end to end."""
+image token count everywhere. End to end (train, generate, export): tests/test_families.py."""
 
-import os
 
 import pytest
 import torch
-from conftest import draw_shape, flags
+from conftest import draw_shape, siglip_folder
 from PIL import Image
-from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipModel, SiglipVisionModel
 from transformers.models.siglip import SiglipImageProcessorPil
 
 from minillava.data import load_image_processor, process_image
@@ -17,29 +16,12 @@ from minillava.formats import clip_vision_state, folder_tower_config, read_weigh
 from minillava.metrics import FlopModel
 from minillava.model import LlavaSettings, build_llava_from_config
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
-              patch_size=14)  # fmt: skip 2 x 2 = 4 patches, no CLS
-
-
-def _tower_folder(root, whole: bool = False) -> str:
-    """A SigLIP tower folder (a SiglipVisionModel, or a whole SiglipModel with its text half) with its processor."""
-    torch.manual_seed(0)
-    folder = os.path.join(root, "siglip_whole" if whole else "siglip")
-    if whole:
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-        SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)).save_pretrained(folder)
-    else:
-        SiglipVisionModel(SiglipVisionConfig(**VISION)).save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder
-
 
 @pytest.mark.parametrize("whole", [False, True])
 def test_features_are_the_second_to_last_layer_every_patch(tmp_path, whole, assets):
     from transformers import AutoConfig
 
-    folder = _tower_folder(str(tmp_path), whole)
+    folder = siglip_folder(str(tmp_path), whole)
     config = folder_tower_config(folder, "--vision_tower")
     assert (config.num_hidden_layers, config.vision_use_head) == (2, False)  # LLaVA-NeXT deletes a layer and the head
     settings = LlavaSettings(mm_projector_type="mlp2x_gelu")  # select layer -2 (LLaVA-NeXT's scripts), patch
@@ -62,7 +44,7 @@ def test_features_are_the_second_to_last_layer_every_patch(tmp_path, whole, asse
 def test_other_select_settings_are_refused(tmp_path, assets):
     from transformers import AutoConfig
 
-    config = folder_tower_config(_tower_folder(str(tmp_path)), "--vision_tower")
+    config = folder_tower_config(siglip_folder(str(tmp_path)), "--vision_tower")
     llm = AutoConfig.from_pretrained(assets["llm"])
     for bad in (LlavaSettings(mm_vision_select_layer=-3), LlavaSettings(mm_vision_select_feature="cls_patch")):
         with pytest.raises(ValueError, match="SigLIP tower is read as LLaVA-NeXT reads it"):
@@ -70,7 +52,7 @@ def test_other_select_settings_are_refused(tmp_path, assets):
 
 
 def test_processor_resizes_exactly_with_mean_and_std_one_half(tmp_path):
-    processor = load_image_processor(_tower_folder(str(tmp_path)))
+    processor = load_image_processor(siglip_folder(str(tmp_path)))
     assert isinstance(processor, SiglipImageProcessorPil)
     img = draw_shape("red", "circle", size=(40, 20))
     pixels = process_image(img, processor, "square")  # squashed to 28 x 28, as LLaVA-NeXT's SigLipImageProcessor
@@ -79,19 +61,3 @@ def test_processor_resizes_exactly_with_mean_and_std_one_half(tmp_path):
     assert pixels.shape == (3, 28, 28) and torch.allclose(pixels, expected, atol=1e-5)
     padded = process_image(img, processor, "pad")  # expand2square with (127, 127, 127)
     assert padded[:, 0, 0].tolist() == pytest.approx([(127 / 255 - 0.5) / 0.5] * 3, abs=1e-5)
-
-
-def test_stage1_stage2_generate(assets, tmp_path, capsys):
-    import train
-    from minillava import generate
-
-    tower = _tower_folder(str(tmp_path))
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    train.main(flags(assets, one, stage=1, vision_tower=tower, max_steps="2"))
-    train.main(flags(assets, two, vision_tower=tower, max_steps="2", init_projector="auto",
-                     pretrain_mm_mlp_adapter=os.path.join(one, "mm_projector.bin")))  # fmt: skip
-    image = str(tmp_path / "shape.png")
-    draw_shape("blue", "triangle", size=(30, 44)).save(image)
-    capsys.readouterr()
-    generate.main(["--checkpoint", two, "--image", image, "--prompt", "What is it?", "--max_new_tokens", "4"])
-    assert capsys.readouterr().out.strip()
