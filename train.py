@@ -38,7 +38,7 @@ from minillava.metrics import FlopModel, MetricsLogger, StepRecord, device_peak_
 from minillava.model import image_tokens
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
 from minillava.outputs import DISK_FULL, lock_output_dir, new_dirs, next_steps, save_final, unclaim_output_dir
-from minillava.preemption import EXIT_CODE, Preempted, StopRequest, ignore_sigterm
+from minillava.preemption import Preempted, StopRequest, ignore_stop_signals
 from minillava.sampler import DistributedModalityLengthSampler
 from minillava.step import build_model, train_step
 
@@ -101,7 +101,7 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_
         num_workers=t.dataloader_num_workers,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
-        worker_init_fn=ignore_sigterm,  # a SIGTERM to the whole job stops the trainer, which stops its workers
+        worker_init_fn=ignore_stop_signals,  # SIGTERM / Ctrl-C to the whole job stops the trainer, which stops them
         generator=torch.Generator().manual_seed(t.seed),  # worker seeds off the global RNG: resume stays exact
     )
     return loader, sampler
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     check_paths(cfg)  # the start-up checks that read the disk (parse_args reads nothing)
     info = D.init_distributed(background=cfg.train.async_save)  # async checkpoints: D.background_group
-    stop = StopRequest(watch_agent="TORCHELASTIC_RUN_ID" in os.environ)  # SIGTERM / dead torchrun: save and stop
+    stop = StopRequest(watch_agent="TORCHELASTIC_RUN_ID" in os.environ)  # SIGTERM / Ctrl-C / dead torchrun: save, stop
     t = cfg.train
     logger = lock = ckpt = None
     made, started = new_dirs(t.output_dir), False  # a run that fails its start-up leaves no --output_dir behind
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         stream = micro_batch_stream(loader, sampler, sampler.epoch, info.device)
         window, t_window = [], time.perf_counter()  # the steps queued since the last device read
         trained_tokens, stopping = 0.0, False
+        stop.arm()  # from here a Ctrl-C saves a checkpoint after the step (before, it stops at once)
         for step in range(start, total_steps):
             stop.hold_for_test(step + 1)
             t0 = time.perf_counter()
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
             ckpt.wait()  # the checkpoint is written and published before the exit
             raise Preempted(
                 f"stopped after step {step + 1} of {total_steps} ({stop.reason or 'another rank was asked to'}): "
-                f"saved {saved}; to continue, run the same command with --resume_from_checkpoint auto"
+                f"saved {saved}; to continue, run the same command with --resume_from_checkpoint auto",
+                stop.exit_code,
             )
         logger.close()
         ckpt.wait()  # a checkpoint still being written is finished and published first
@@ -328,14 +330,19 @@ def cli(argv: list[str]) -> int:
     """`python train.py` / torchrun: main() with what a user can fix as one line on stderr instead of a traceback.
     A bad flag, path or file (ValueError) is the same on every rank: the first rank of each node prints it; a bad
     sample (SampleError) is printed by the rank that read it; a full disk (OSError ENOSPC / EDQUOT) like a bad flag.
-    Preemption exits with EXIT_CODE."""
+    Preemption (SIGTERM, Ctrl-C) exits with 128 + the signal after its checkpoint; a Ctrl-C outside the training
+    loop (start-up, the final save) stops at once, in one line."""
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         main(argv)
     except Preempted as e:
         if first:
             print(e, file=sys.stderr, flush=True)
-        return EXIT_CODE
+        return e.exit_code
+    except KeyboardInterrupt:
+        if first:
+            print("interrupted (Ctrl-C): nothing saved", file=sys.stderr, flush=True)
+        return 130
     except ValueError as e:
         if first or isinstance(e, SampleError):
             print(f"error: {e}", file=sys.stderr, flush=True)

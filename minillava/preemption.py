@@ -1,7 +1,8 @@
 """Stopping cleanly when the job is being taken away: SIGTERM, which SLURM, Kubernetes and torchrun send before they
-kill a job, and a torchrun agent that died (kill -9) under its workers.
+kill a job; SIGINT, which a terminal's Ctrl-C sends (torchrun forwards it); and a torchrun agent that died (kill -9)
+under its workers.
 
-Either one only sets a flag (StopRequest.reason). train.py folds the flag into the all-reduce every step already
+Each one only sets a flag (StopRequest.reason). train.py folds the flag into the all-reduce every step already
 makes and reads it with the step's other metrics, on the steps that log (every --logging_steps), save or end the
 run, so all ranks see it after the same step; there they write a checkpoint and exit with EXIT_CODE, and the same
 command with --resume_from_checkpoint auto continues as if nothing happened. Mind the grace period: torchrun
@@ -17,6 +18,8 @@ import threading
 import time
 
 EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
+EXIT_CODES = {"SIGTERM": EXIT_CODE, "SIGINT": 130}  # 130 = 128 + SIGINT (Ctrl-C)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 AGENT_POLL_S = 0.1  # how often a torchrun worker checks that its agent is alive (one getppid() call)
 AGENT_GRACE_S = 300.0  # a worker orphaned by its agent that has not stopped by then exits at once
 HOLD_HOOK = "MINILLAVA_TEST_HOLD_BEFORE_STEP"  # tests only: =N holds every rank before step N until a stop request
@@ -26,27 +29,47 @@ _PARENT = os.getppid()  # at import, as early as possible: the torchrun agent th
 
 
 class Preempted(Exception):
-    """Raised by train.main after the preemption checkpoint is written; the message says how to resume."""
+    """Raised by train.main after the preemption checkpoint is written; the message says how to resume, exit_code is
+    what the process exits with (128 + the signal)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_CODE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class StopRequest:
-    """Catches SIGTERM in this (main) thread and, under torchrun, watches the agent; `reason` is None until either
-    happens. close() puts the previous SIGTERM handler back. A second SIGTERM ends the process at once."""
+    """Catches SIGTERM and SIGINT in this (main) thread and, under torchrun, watches the agent; `reason` is None until
+    one happens. close() puts the previous handlers back. A second SIGTERM or SIGINT ends the process at once, as
+    the signal does by default (checkpoints are published by a rename: one being written is left unpublished).
+    Until arm() (the training loop's start) Ctrl-C raises KeyboardInterrupt: there is nothing to save yet."""
 
     def __init__(self, watch_agent: bool) -> None:
         self.reason: str | None = None
+        self.armed = False
         self._closed = threading.Event()
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         if watch_agent:
             threading.Thread(target=self._watch_agent, args=(_PARENT,), daemon=True).start()
 
-    def _on_sigterm(self, signum, frame) -> None:
-        if self.reason == "SIGTERM":  # asked twice: do what SIGTERM does by default
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.reason = "SIGTERM"
+    def arm(self) -> None:
+        self.armed = True
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and not self.armed:
+            raise KeyboardInterrupt
+        if self.reason is not None and self.reason.startswith(name):  # asked twice: what the signal does by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        if self.reason is None and name == "SIGINT" and os.environ.get("LOCAL_RANK", "0") == "0":
+            print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, unsaved)", flush=True)
+        self.reason = self.reason or (f"{name} (Ctrl-C)" if name == "SIGINT" else name)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get((self.reason or "").split(" ")[0], EXIT_CODE)
 
     def _watch_agent(self, agent: int) -> None:
         """torchrun starts every worker in a session of its own, so a kill -9 of torchrun leaves them running: the
@@ -76,16 +99,18 @@ class StopRequest:
 
     def close(self) -> None:
         self._closed.set()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SLURM signals every process of a job step, DataLoader workers included, and a
-    worker killed by it fails the trainer at once (DataLoader's SIGCHLD handler). The workers end with their trainer
-    instead: normally the DataLoader stops them; at exit, multiprocessing would SIGTERM (now ignored) and then
-    wait for them forever, so the trainer SIGKILLs the ones still running first (atexit runs the newest hook first)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SLURM signals every process of a job step and a terminal's Ctrl-C its whole
+    process group, DataLoader workers included, and a worker killed by it fails the trainer at once (DataLoader's
+    SIGCHLD handler). The workers end with their trainer instead: normally the DataLoader stops them; at exit,
+    multiprocessing would SIGTERM (now ignored) and then wait for them forever, so the trainer SIGKILLs the ones still
+    running first (atexit runs the newest hook first)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _kill_leftover_workers() -> None:

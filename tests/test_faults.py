@@ -117,34 +117,39 @@ def test_a_bad_sample_mid_run_is_one_line_from_the_rank_that_read_it(assets, tmp
     assert line.startswith("error: sample ") and f"cannot read image {images}" in line
 
 
-def _sigterm_at(step):
-    """train_step that sends this process a real SIGTERM during optimizer step `step` (1-based)."""
+def _sigterm_at(step, sig=signal.SIGTERM):
+    """train_step that sends this process a real SIGTERM (or `sig`) during optimizer step `step` (1-based)."""
     calls = []
 
     def step_fn(*args, **kw):
         calls.append(1)
         if len(calls) == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
         return real(*args, **kw)
 
     real = train.train_step
     return step_fn
 
 
-def test_sigterm_saves_a_checkpoint_stops_and_resume_continues_exactly(assets, tmp_path, capsys, monkeypatch):
-    """SIGTERM during step 2 of 5: the step finishes, checkpoint-2 is written, exit code 143 with the resume hint;
-    --resume_from_checkpoint auto then gives the uninterrupted run's losses. Before, SIGTERM killed the process
-    and everything since the last --save_steps was lost."""
+@pytest.mark.parametrize(("sig", "reason", "exit_code"), [(signal.SIGTERM, "SIGTERM", EXIT_CODE),
+                                                          (signal.SIGINT, "SIGINT (Ctrl-C)", 130)])  # fmt: skip
+def test_sigterm_saves_a_checkpoint_stops_and_resume_continues_exactly(assets, tmp_path, capsys, monkeypatch, sig,
+                                                                        reason, exit_code):  # fmt: skip
+    """SIGTERM (or Ctrl-C's SIGINT) during step 2 of 5: the step finishes, checkpoint-2 is written, exit code 143
+    (130) with the resume hint, no traceback; --resume_from_checkpoint auto then gives the uninterrupted run's losses.
+    Before, SIGTERM killed the process and everything since the last --save_steps was lost, and Ctrl-C printed a
+    150-line traceback."""
     ref, out = str(tmp_path / "ref"), str(tmp_path / "o")
     common = dict(max_steps=5, save_steps=0, logging_steps=1)
     train.main(flags(assets, ref, **common))
-    monkeypatch.setattr(train, "train_step", _sigterm_at(2))
+    monkeypatch.setattr(train, "train_step", _sigterm_at(2, sig))
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     code, err = _cli(flags(assets, out, **common), capsys)
-    assert code == EXIT_CODE
+    assert code == exit_code and "Traceback" not in err
     hint = f"saved {os.path.join(out, 'checkpoint-2')}; to continue, run the same command with --resume_from_checkpoint"
-    assert err.endswith(f"\nstopped after step 2 of 5 (SIGTERM): {hint} auto\n"), err
+    assert err.endswith(f"\nstopped after step 2 of 5 ({reason}): {hint} auto\n"), err
     assert sorted(os.listdir(out)).count("checkpoint-2") == 1 and not os.path.exists(os.path.join(out, "config.json"))
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the default handler back
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # main put them back
     monkeypatch.undo()
     train.main(flags(assets, out, resume_from_checkpoint="auto", **common))
     assert losses(out) == losses(ref)
@@ -190,3 +195,70 @@ def test_a_full_disk_is_one_line_other_os_errors_keep_their_traceback(monkeypatc
     monkeypatch.setattr(train, "main", fails(PermissionError(errno.EACCES, "denied")))
     with pytest.raises(PermissionError):
         train.cli([])
+
+
+def _train_process(argv, hold_step, tmp_path):
+    """`python train.py argv` in a session of its own (as a terminal's foreground job), held before step
+    `hold_step` until it is asked to stop (HOLD_HOOK), its output in a file."""
+    import subprocess
+    import sys
+
+    from minillava.preemption import HOLD_HOOK
+
+    env = {**os.environ, HOLD_HOOK: str(hold_step), "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115 (closed by the caller through proc)
+    script = os.path.join(os.path.dirname(train.__file__), "train.py")
+    proc = subprocess.Popen([sys.executable, script, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    return proc, tmp_path / "log.txt"
+
+
+def _wait_for_line(proc, path, text, timeout=180):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()[-2000:]
+        time.sleep(0.05)
+
+
+def test_ctrl_c_to_the_process_group_saves_and_a_second_one_stops_at_once(assets, tmp_path):
+    """Ctrl-C as a terminal sends it, to the whole process group (the trainer and its DataLoader worker): one line
+    says so, the step finishes, checkpoint-2 is written, one line says how to resume, exit 130, no traceback. A second
+    Ctrl-C right after the first ends the process at once (killed by SIGINT); whatever it left resumes to the end."""
+    out = str(tmp_path / "o")
+    argv = flags(assets, out, max_steps=4, save_steps=0, logging_steps=1, dataloader_num_workers=1)
+    proc, log = _train_process(argv, 2, tmp_path)
+    _wait_for_line(proc, log, "step 1/4")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    text = log.read_text()
+    assert "Traceback" not in text and "Ctrl-C: stopping after this step with a checkpoint" in text, text[-3000:]
+    assert text.rstrip().splitlines()[-1] == (
+        f"stopped after step 2 of 4 (SIGINT (Ctrl-C)): saved {out}/checkpoint-2; to continue, run the same command "
+        "with --resume_from_checkpoint auto"
+    )
+    two = tmp_path / "twice"
+    two.mkdir()
+    argv = flags(assets, out, max_steps=6, save_steps=0, logging_steps=1, resume_from_checkpoint="auto")
+    proc, log = _train_process(argv, 4, two)
+    _wait_for_line(proc, log, "step 3/6")
+    os.killpg(proc.pid, signal.SIGINT)
+    _wait_for_line(proc, log, "Ctrl-C: stopping")  # two signals before the handler runs would count as one
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == -signal.SIGINT
+    train.main(argv)
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+
+
+def test_ctrl_c_during_start_up_stops_at_once_in_one_line(assets, tmp_path, capsys, monkeypatch):
+    """Before the first step there is nothing to save: Ctrl-C stops the start-up at once, in one line, exit 130,
+    and leaves no --output_dir behind."""
+    out = str(tmp_path / "o")
+
+    def interrupted(*args, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "build_model", interrupted)
+    code, err = _cli(flags(assets, out), capsys)
+    assert (code, err) == (130, "interrupted (Ctrl-C): nothing saved\n") and not os.path.exists(out)
