@@ -7,12 +7,18 @@
 Also runs as a plain `python train.py ...` (a 1-rank process group). One optimizer step and the model it trains are
 minillava/step.py's (train_step, build_model); this file reads top to bottom: the data, the loop, main."""
 
+import sys
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # --help at once: argparse prints it and
+    from minillava.config import parse_args  # exits before torch is imported
+
+    parse_args(sys.argv[1:])
+
 import functools
 import gc
 import math
 import os
 import random
-import sys
 import time
 import warnings
 
@@ -22,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from minillava import distributed as D
 from minillava.checkpoint import Checkpointer
-from minillava.config import Config, ConfigWarning, format_config, parse_args, save_config
+from minillava.config import Config, ConfigWarning, format_config, one_line_config_warnings, parse_args, save_config
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer, longest_samples
 from minillava.formats import (
     check_model_files,
@@ -34,10 +40,19 @@ from minillava.formats import (
     run_manifest,
 )
 from minillava.layout import Batch, LayoutCollator
-from minillava.metrics import FlopModel, MetricsLogger, StepRecord, device_peak_flops, peak_memory_gb
+from minillava.metrics import FlopModel, MetricsLogger, StepRecord, device_peak_flops, duration, peak_memory_gb
 from minillava.model import image_tokens
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.outputs import DISK_FULL, lock_output_dir, new_dirs, next_steps, save_final, unclaim_output_dir
+from minillava.outputs import (
+    DISK_FULL,
+    check_output_dir,
+    clear_output_dir,
+    lock_output_dir,
+    new_dirs,
+    next_steps,
+    save_final,
+    unclaim_output_dir,
+)
 from minillava.preemption import Preempted, StopRequest, ignore_stop_signals
 from minillava.sampler import DistributedModalityLengthSampler
 from minillava.step import build_model, train_step
@@ -213,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     if os.environ.get("RANK", "0") != "0":  # flag warnings once, from rank 0
         warnings.filterwarnings("ignore", category=ConfigWarning)
+    one_line_config_warnings()
     cfg = parse_args(argv)
     check_paths(cfg)  # the start-up checks that read the disk (parse_args reads nothing)
     info = D.init_distributed(background=cfg.train.async_save)  # async checkpoints: D.background_group
@@ -223,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         fetch_models(cfg, info)  # hub ids: downloaded once per node, before anything is written to --output_dir
         lock = lock_output_dir(t.output_dir)  # one run per --output_dir, claimed before anything is written there
+        check_output_dir(cfg)  # an earlier run there: --resume_from_checkpoint or --overwrite_output_dir
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
         D.print0(format_config(cfg))
@@ -249,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         started = True  # the start-up passed (model, data, resume): from here on the run writes into --output_dir
         if info.is_main:
+            if t.overwrite_output_dir and (gone := clear_output_dir(t.output_dir)):
+                print(f"--overwrite_output_dir: removed the earlier run's {', '.join(gone)}")
             save_config(cfg, t.output_dir)
+        D.barrier()  # no rank writes into --output_dir before it is cleared
         peak = device_peak_flops(info.device)
         logger = MetricsLogger(
             t.output_dir,
@@ -308,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.close()
         ckpt.wait()  # a checkpoint still being written is finished and published first
         save_final(model, cfg, tokenizer, dtype, manifest=manifest)
-        D.print0(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; {logger.summary()}\n{next_steps(cfg)}")
+        D.print0(f"done in {duration(time.perf_counter() - t_start)}; {logger.summary()}\n{next_steps(cfg)}")
     finally:
         if logger is not None:
             logger.close()  # ends the progress bar before any error is printed

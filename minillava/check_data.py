@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from minillava.cli import run_tool
 from minillava.constants import IGNORE_INDEX
 from minillava.conversation import KNOWN_VERSIONS, check_conversations, get_template, preprocess
 from minillava.data import (
@@ -114,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

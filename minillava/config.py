@@ -26,6 +26,21 @@ class ConfigWarning(UserWarning):
     """A flag that is accepted but not acted on (or mapped); filter this category on ranks other than 0."""
 
 
+def one_line_config_warnings() -> None:
+    """Show ConfigWarnings as `warning: --flag ...` (not `file:line: ConfigWarning: ...`); other warnings as before."""
+    if getattr(warnings.formatwarning, "minillava", False):
+        return
+    original = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, ConfigWarning):
+            return f"warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    formatwarning.minillava = True
+    warnings.formatwarning = formatwarning
+
+
 def _flag(default: Any = MISSING, help: str = "") -> Any:
     """A dataclass field with its --help text: the one place a flag is explained ("minillava:" = not LLaVA's)."""
     return field(default=default, metadata={"help": help})
@@ -35,13 +50,16 @@ def _flag(default: Any = MISSING, help: str = "") -> Any:
 class ModelArgs:
     """LLaVA's ModelArguments (llava/train/train.py L53-66), plus minillava's own model flags."""
 
-    model_name_or_path: str = _flag(help="local LLM folder (Vicuna-7B/13B-v1.5), or a LLaVA / llava-hf stage-2 "
-                                    "folder to finetune further (LLaVA's default facebook/opt-125m is not kept)")
-    version: str = _flag("v0", "conversation template: plain (stage 1), v1 (stage 2); LLaVA's default v0 is refused")
+    model_name_or_path: str = _flag(help="the LLM: a local folder or hub id (lmsys/vicuna-7b-v1.5; Llama-3, Mistral, "
+                                    "Qwen2/3), or a LLaVA / llava-hf stage-2 folder to finetune further (LLaVA's "
+                                    "default facebook/opt-125m is not kept)")
+    version: str = _flag("v0", "conversation template: plain (stage 1), v1 (stage 2), LLaVA-NeXT's for other LLMs; "
+                         "LLaVA's default v0 is not supported: set by --stage")
     freeze_backbone: bool = _flag(False, "freeze the LLM body with its embeddings; lm_head and projector still train")
     tune_mm_mlp_adapter: bool = _flag(False, "stage 1: train only the projector; the output is mm_projector.bin")
-    vision_tower: str = _flag(help="local CLIP folder (v1.5: clip-vit-large-patch14-336); LLaVA's default None "
-                              "(a text-only run) is not supported")
+    vision_tower: str = _flag(help="the CLIP or SigLIP tower: a local folder or hub id (v1.5: "
+                              "openai/clip-vit-large-patch14-336); LLaVA's default None (a text-only run) is not "
+                              "supported")
     mm_vision_select_layer: int = _flag(-1, "CLIP hidden_states index that is projected; v1.5 uses -2")
     pretrain_mm_mlp_adapter: str | None = _flag(None, "stage-1 mm_projector.bin loaded into the projector (stage 2)")
     mm_projector_type: str = _flag("linear", "projector: linear, identity or mlp<N>x_gelu (v1.5: mlp2x_gelu)")
@@ -111,6 +129,8 @@ class TrainArgs:
                              "copy of the state to host memory, which keeps one copy of it. False: wait for the write")
     resume_from_checkpoint: str | None = _flag(None, "auto = the newest complete checkpoint in --output_dir (a fresh "
                                                "start if none), or a checkpoint-N folder")
+    overwrite_output_dir: bool = _flag(False, "start over in an --output_dir holding an earlier run (its model, "
+                                       "checkpoints and metrics.jsonl are removed once the start-up passes)")
     report_to: str = _flag("none", "metrics beyond output_dir/metrics.jsonl: none, or wandb (pip install wandb)")
     dataloader_num_workers: int = _flag(0, "DataLoader worker processes per rank")
     lora_enable: bool = _flag(False, "LoRA adapters on every Linear of the LLM body (finetune_lora.sh: True): the "
@@ -246,6 +266,10 @@ class Config:
     def validate(self) -> None:
         """Raise ValueError naming the flag for any unsupported or inconsistent value; pure (no file is read)."""
         v = {**asdict(self.model), **asdict(self.data), **asdict(self.train)}
+        if v["version"] == "v0":  # LLaVA's default (conv_vicuna_v0): no v1.5 script trains with it
+            raise ValueError("--version 'v0' (LLaVA's default) is not supported: give --stage 1 or 2 (LLaVA's "
+                             "pretrain.sh / finetune.sh: plain / v1), or --version v1, plain, qwen_2, llava_llama_3, "
+                             "...")  # fmt: skip
         for name, allowed in _choices().items():
             _check(v[name] in allowed, name, v[name], f"supported: {', '.join(map(str, allowed))}")
         proj_ok = re.fullmatch(r"linear|identity|mlp\d+x_gelu", v["mm_projector_type"]) is not None
@@ -417,10 +441,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def format_config(cfg: Config) -> str:
-    """The resolved config as aligned `section.field value` lines, for printing once on rank 0."""
-    items = [(f"{sec}.{k}", v) for sec, d in cfg.to_dict().items() for k, v in d.items()]
-    width = max(len(k) for k, _ in items)
-    return "\n".join(f"{k:<{width}}  {v!r}" for k, v in items)
+    """The run's flags that differ from LLaVA's script for its --stage (pretrain.sh / finetune.sh: the preset over the
+    defaults; no --stage: the defaults), one `--flag value (script: x)` line each, for printing once on rank 0; the
+    whole config goes to output_dir/minillava_config.json (save_config)."""
+    preset = STAGE_PRESETS.get(cfg.train.stage, {})
+    script = {f.name: f.default for f in _FIELDS} | preset
+    ours = {k: v for section in cfg.to_dict().values() for k, v in section.items()}
+    name = {1: "pretrain.sh", 2: "finetune.sh"}.get(cfg.train.stage)
+    was = lambda k: "" if script[k] is MISSING else f" ({name if k in preset else 'default'}: {_shown(script[k])})"  # noqa: E731
+    lines = [f"  --{k} {_shown(v)}{was(k)}" for k, v in ours.items() if k != "stage" and v != script[k]]
+    head = f"stage {cfg.train.stage}: LLaVA's {name} with" if name else "LLaVA's defaults with"
+    return "\n".join([head, *lines])
 
 
 def save_config(cfg: Config, output_dir: str) -> str:

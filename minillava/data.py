@@ -146,9 +146,35 @@ def _signed_words(record: Any) -> int:
     return WORDS_INVALID if n == 0 else n if "image" in record else -n
 
 
+def _scan_lines(data_path: str, text: str) -> tuple[list[int], list[int]]:
+    """_scan_records for JSON Lines (one record per line, blank lines skipped), as LLaVA-NeXT reads a .jsonl."""
+    offsets, words, pos, end = [], [], 0, 0
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        if line.strip():
+            start = len(line) - len(line.lstrip())
+            try:
+                record, stop = _DECODER.raw_decode(line, start)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--data_path {data_path}: line {number} is not JSON ({e.msg}, column "
+                                 f"{e.pos + 1})") from None  # fmt: skip
+            if line[stop:].strip() or not isinstance(record, dict):
+                raise ValueError(f"--data_path {data_path}: line {number} is not one JSON object (JSON Lines: one "
+                                 "sample per line)")  # fmt: skip
+            offsets.append(pos + start)
+            words.append(_signed_words(record))
+            end = pos + stop
+        pos += len(line)
+    if not offsets:
+        raise ValueError(f"--data_path {data_path}: the file holds no samples")
+    return [*offsets, end], words
+
+
 def _scan_records(data_path: str, text: str) -> tuple[list[int], list[int]]:
-    """The records of the JSON list in `text`, parsed one at a time (the parsed list is never held): the character
-    offset where each record's JSON text starts, then where the last one ends; and their signed word counts."""
+    """The records of the JSON list in `text` (JSON Lines for a .jsonl file), parsed one at a time (the parsed list
+    is never held): the character offset where each record's JSON text starts, then where the last one ends; and
+    their signed word counts."""
+    if data_path.endswith(".jsonl"):
+        return _scan_lines(data_path, text)
     space, offsets, words = re.compile(r"\s*"), [], []
     pos = space.match(text).end()
     if text[pos : pos + 1] != "[":
@@ -185,7 +211,8 @@ def _byte_offsets(text: str, chars: list[int]) -> list[int]:
 
 
 def load_records(data_path: str) -> RecordFile:
-    """The data file's records (a JSON list, as LLaVA's json.load at train.py L664), from the records cache: built
+    """The data file's records (a JSON list, as LLaVA's json.load at train.py L664; JSON Lines for a .jsonl, as
+    LLaVA-NeXT's), from the records cache: built
     on first use by one process per machine (the others wait on a file lock), reused by every later run, rank,
     worker and check_data until the file changes (formats.records_cache_dir)."""
     try:
@@ -384,11 +411,30 @@ class DataCollator:
         return batch
 
 
+class _HarmlessNotes(logging.Filter):
+    """transformers log lines that say nothing wrong here, dropped where they are logged: a LLaVA folder's
+    config.json read for its tokenizer ("a model of type llava_llama to instantiate a model of type ..."), and a
+    sample longer than model_max_length (truncated after its labels are placed, and counted: LazySupervisedDataset)."""
+
+    KNOWN = ("You are using a model of type `llava", "Token indices sequence length is longer than")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.KNOWN)
+
+
+def _quiet_transformers_notes() -> None:
+    for name in ("transformers.configuration_utils", "transformers.tokenization_utils_base"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _HarmlessNotes) for f in log.filters):
+            log.addFilter(_HarmlessNotes())
+
+
 def load_tokenizer(path: str, model_max_length: int) -> Any:
     """The tokenizer as LLaVA sets it up for plain/v1 (train.py L878-908): right padding, pad = unk (or, for a
     vocabulary without one, backbones.pad_token's choice)."""
     from transformers import AutoTokenizer
 
+    _quiet_transformers_notes()
     # LLaVA asked for the slow SentencePiece class (use_fast=False); transformers 5 has one Llama tokenizer, which
     # gives Vicuna's ids when the folder's tokenizer_config.json says legacy=false. So
     # `legacy` is taken from the folder, never overridden.

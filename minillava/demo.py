@@ -10,12 +10,14 @@ import io
 import json
 import os
 import random
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, ImageDraw
 
+from minillava.cli import run_tool
 from minillava.conversation import get_template, preprocess
 from minillava.data import DataCollator, describe, load_records, open_image, process_image
 
@@ -401,4 +403,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

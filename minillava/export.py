@@ -29,6 +29,7 @@ from transformers import AddedToken, AutoConfig, AutoTokenizer, GenerationConfig
 from transformers.models.llava import LlavaImageProcessorPil
 
 from minillava.backbones import image_processor, tower_family
+from minillava.cli import run_tool
 from minillava.conversation import get_template
 from minillava.data import load_tokenizer
 from minillava.formats import (
@@ -262,4 +263,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_tool(main))

@@ -152,7 +152,12 @@ def read_weights(folder: str, flag: str) -> dict[str, Tensor]:
         raise ValueError(f"{flag} {folder!r}: {os.path.basename(missing[0])}, listed in its index, does not exist")
     out: dict[str, Tensor] = {}
     for file in files:
-        out.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, "cpu", weights_only=True))
+        try:
+            out.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, "cpu", weights_only=True))
+        except Exception as e:  # safetensors' SafetensorError, torch.load's UnpicklingError / RuntimeError, OSError
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{flag} {folder!r}: cannot read {os.path.basename(file)} ({detail}): the file is "
+                             "damaged or incomplete; download or copy it again") from e  # fmt: skip
     return out
 
 
@@ -610,7 +615,7 @@ def lora_config(cfg, target_modules: list[str]):
     t = cfg.train
     return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules=target_modules, lora_dropout=t.lora_dropout,
                       bias=t.lora_bias, task_type="CAUSAL_LM",
-                      base_model_name_or_path=cfg.model.model_name_or_path)  # fmt: skip
+                      base_model_name_or_path=recorded_name(cfg.model.model_name_or_path))  # fmt: skip
 
 
 def lora_content(named: Iterable[tuple[str, Tensor]], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -654,8 +659,14 @@ def merged_lora_state(path: str, base: str | None = None, vision_tower: str | No
 # ---------------------------------------------------------------------------------------------- a run's start
 
 
+def recorded_name(name: str) -> str:
+    """A model flag as an output records it: a local folder as its absolute path (the output then works from any
+    directory), a hub id as given."""
+    return os.path.abspath(name) if os.path.exists(name) else name
+
+
 def run_settings(cfg) -> LlavaSettings:
-    """The LlavaSettings of a run's flags."""
+    """The LlavaSettings of a run's flags (its tower recorded_name'd: what config.json's mm_vision_tower says)."""
     m = cfg.model
     return LlavaSettings(
         mm_projector_type=m.mm_projector_type,
@@ -663,7 +674,7 @@ def run_settings(cfg) -> LlavaSettings:
         mm_vision_select_feature=m.mm_vision_select_feature,
         image_aspect_ratio=cfg.data.image_aspect_ratio,
         model_max_length=cfg.train.model_max_length,
-        vision_tower=m.vision_tower,
+        vision_tower=recorded_name(m.vision_tower),
     )
 
 

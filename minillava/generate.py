@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from minillava.cli import run_tool
 from minillava.conversation import build_inference_prompt, tokenizer_image_token
 from minillava.data import load_image_processor, load_tokenizer, open_image, process_image
 from minillava.formats import checkpoint_kind, clip_folder, fetch_checkpoint, load_llava_checkpoint_state, read_settings
@@ -127,4 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_tool(main))

@@ -8,6 +8,7 @@ bench/hf_baseline.py (the plain-transformers baseline) is counted with this same
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,6 +130,14 @@ def console_line(step: int, total: int, m: dict) -> str:
     return " | ".join(parts)
 
 
+def duration(seconds: float) -> str:
+    """A wall time as people read it: 4.2 s, 12 min 5 s, 3 h 20 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
 class MetricsLogger:
     """Rank-0 sink: a JSONL file in output_dir always, wandb with --report_to wandb (imported lazily), tqdm bar and
     a console line per logging step. `loss` is the mean over the steps since the previous log, as HF Trainer logs
@@ -155,7 +164,10 @@ class MetricsLogger:
             )
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        # a progress bar on a terminal; in a log file (stderr redirected) its redraws would be most of the file, and
+        # the console line of every logging step says the same
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())  # fmt: skip
 
     def record(self, step: int, metrics: dict[str, float], *, log: bool) -> None:
         """Every step: count it (window loss, totals); log=True: write the record and the console line."""
@@ -180,7 +192,7 @@ class MetricsLogger:
     def summary(self) -> str:
         """Time, steps, mean throughput and peak memory of this run (resumed runs: since the resume)."""
         wall = time.perf_counter() - self.start
-        return (f"trained {self.steps:.0f} steps in {wall / 60:.1f} min: {self.samples / wall:.1f} samples/s, "
+        return (f"trained {self.steps:.0f} steps in {duration(wall)}: {self.samples / wall:.1f} samples/s, "
                 f"{self.tokens / wall:,.0f} tokens/s on average; peak memory {self.peak:.1f} GB per rank")  # fmt: skip
 
     def close(self) -> None:

@@ -145,7 +145,9 @@ class LlavaModel(nn.Module):
             feats = self.vision_tower(pixel_values)  # (N, 1+P, C)
         if self.mm_vision_select_feature == "patch" and self.tower_cls:
             feats = feats[:, 1:]  # drop CLS: (N, P, C), P = 576 at 336px (SigLIP has none: 729 at 384px)
-        return self.mm_projector(feats).to(dtype)  # (N, P, D); its input cast: _input_to_own_dtype
+        # 2-D through the projector: a Linear on 3-D input returns a view, which FSDP2 warns about (a sharded
+        # projector, stage 1) on every rank and step
+        return self.mm_projector(feats.flatten(0, 1)).unflatten(0, feats.shape[:2]).to(dtype)  # (N, P, D)
 
     def layout(self, raw: dict[str, Tensor], padding_free: bool | None = None) -> Batch:
         """A LLaVA-collated batch in this model's final layout (host-side: what the training collator does)."""

@@ -46,6 +46,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from minillava.distributed import broadcast_object
 from minillava.formats import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -122,6 +123,46 @@ def lock_output_dir(output_dir: str):
     if error:
         raise ValueError(error)
     return lock
+
+
+# What an earlier run left in --output_dir: a run that started (metrics.jsonl, its config), finished (manifest.json)
+# or saved checkpoints. --overwrite_output_dir removes these and the final outputs' weights and config.
+RUN_FILES = ("metrics.jsonl", "minillava_config.json", MANIFEST_NAME)
+CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")
+OUTPUT_FILES = ("config.json", "mm_projector.bin", INDEX_NAME, ADAPTER_CONFIG, ADAPTER_WEIGHTS, NON_LORA)
+
+
+def earlier_run(output_dir: str) -> list[str]:
+    """The names in output_dir that an earlier minillava run wrote (RUN_FILES, checkpoint-N folders), sorted."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if n in RUN_FILES or CHECKPOINT_DIR.fullmatch(n))
+
+
+def check_output_dir(cfg) -> None:
+    """Collective: refuse to start in an --output_dir holding an earlier run (its model would be overwritten at the
+    end and its metrics mixed with this run's) unless the run resumes it (--resume_from_checkpoint) or starts over
+    (--overwrite_output_dir, HF Trainer's flag)."""
+    t, error = cfg.train, None
+    if rank0() and not t.resume_from_checkpoint and not t.overwrite_output_dir and (found := earlier_run(t.output_dir)):
+        checkpoints = any(CHECKPOINT_DIR.fullmatch(n) for n in found)
+        what = "a finished run" if MANIFEST_NAME in found else "checkpoints of a run" if checkpoints else "a run"
+        error = (f"--output_dir {t.output_dir} holds {what} ({', '.join(found[:3])}); pass --resume_from_checkpoint "
+                 "auto to continue it, --overwrite_output_dir to start over, or pass another --output_dir")  # fmt: skip
+    if error := broadcast_object(error):
+        raise ValueError(error)
+
+
+def clear_output_dir(output_dir: str) -> list[str]:
+    """Rank 0, --overwrite_output_dir once the start-up has passed: remove an earlier run's files (earlier_run) and
+    its final outputs' weights and config, so the folder holds only this run's; returns the names removed."""
+    names = os.listdir(output_dir)
+    gone = [n for n in names if n in RUN_FILES or n in OUTPUT_FILES or SHARD_NAME.fullmatch(n)
+            or CHECKPOINT_DIR.fullmatch(n) or _LEFTOVER.fullmatch(n)]  # fmt: skip
+    for name in gone:
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    fsync_dir(output_dir)
+    return sorted(gone)
 
 
 def new_dirs(path: str) -> list[str]:

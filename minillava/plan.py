@@ -30,6 +30,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from minillava import attention
 from minillava import distributed as D
+from minillava.cli import run_tool
 from minillava.config import Config, parse_args
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.data import load_records, load_tokenizer, longest_samples
@@ -204,8 +205,7 @@ def trace(cfg: Config, configs: tuple, *, nnodes: int, nproc_per_node: int, gpu_
     batch = synthetic_batch(lengths, n_img, t.model_max_length, t.padding_free)
     with fake_world(world) as info, contextlib.redirect_stdout(io.StringIO()), attention.as_on_cuda(), \
             warnings.catch_warnings():
-        for known in ("The module hierarchy tracking", "FSDP2-wrapped module"):  # MemTracker's, and stage 1's
-            warnings.filterwarnings("ignore", message=known)
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking")  # MemTracker's
         model, flops, plan = sharded_model(cfg, info, configs, lengths=lengths, device_bytes=device_bytes,
                                            local_world_size=nproc_per_node)  # fmt: skip
         fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -318,4 +318,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -217,7 +217,7 @@ def test_sigterm_and_a_dead_agent_stop_with_a_checkpoint_then_resume_exactly(dat
 
         def started():
             with open(os.path.join(out, "agent.txt")) as f:
-                return "model.model_name_or_path" in f.read()  # rank 0 printed the config: the loop is ahead
+                return "LLaVA's finetune.sh with" in f.read()  # rank 0 printed the config: the loop is ahead
 
         _wait_for(proc, "start-up", started, deadline)
         ranks = [pid for pid in _process_tree(proc.pid) if pid != proc.pid]

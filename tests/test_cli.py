@@ -3,6 +3,7 @@ any model is loaded where it can be, and a run that fails its start-up leaves --
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -84,3 +85,29 @@ def test_wandb_installed_passes_the_start_up_check(assets, tmp_path, monkeypatch
         check_paths(cfg)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # "installed"
     check_paths(cfg)
+
+
+def _tool(args, **env):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})  # fmt: skip
+
+
+def test_tools_print_one_line_errors_and_keep_the_traceback_for_developers(assets, tmp_path):
+    """generate and export on a missing folder and on a damaged safetensors file: one `error:` line naming it, exit 1
+    (they printed 80-line tracebacks); MINILLAVA_DEBUG=1 keeps the traceback."""
+    missing = str(tmp_path / "no_such_model")
+    run = _tool(["minillava.generate", "--checkpoint", missing, "--image", "x.png", "--prompt", "hi"])
+    assert (run.returncode, run.stdout) == (1, "") and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"error: --checkpoint {missing}") and "Traceback" not in run.stderr
+    damaged = tmp_path / "llm"
+    shutil.copytree(assets["llm"], damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    args = ["minillava.export", "--model_name_or_path", str(damaged), "--pretrain_mm_mlp_adapter", missing,
+            "--vision_tower", assets["clip"], "--output", str(tmp_path / "hf")]  # fmt: skip
+    run = _tool(args)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith(f"error: --model_name_or_path {str(damaged)!r}: cannot read model.safetensors (")
+    assert run.stderr.rstrip().endswith("the file is damaged or incomplete; download or copy it again")
+    assert not (tmp_path / "hf").exists()
+    run = _tool(args, MINILLAVA_DEBUG="1")
+    assert run.returncode == 1 and "Traceback (most recent call last)" in run.stderr

@@ -436,3 +436,27 @@ def test_image_tokens_that_push_the_answer_out_are_a_named_counted_skip(tmp_path
     fits[0]
     assert fits.num_fully_masked == 0
 
+
+
+def test_a_jsonl_data_file_trains_like_the_json_list(assets, tmp_path, capsys):
+    """--data_path x.jsonl (LLaVA-NeXT's other format) gives the JSON list's losses; a malformed line stops the run
+    before any model is built, in one line naming the file and the line."""
+    from conftest import flags, losses
+
+    import train
+
+    with open(assets["data"]) as f:
+        records = json.load(f)
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = []
+    for name, data_path in (("list", assets["data"]), ("lines", str(jsonl))):
+        train.main(flags(assets, str(tmp_path / name), max_steps=2, logging_steps=1, data_path=data_path))
+        runs.append(losses(str(tmp_path / name)))
+    assert runs[0] == runs[1] and len(runs[0]) == 2
+    jsonl.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1])[:-1] + "\n")
+    capsys.readouterr()
+    assert train.cli(flags(assets, str(tmp_path / "bad"), data_path=str(jsonl))) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: --data_path {jsonl}: line 2 is not JSON (Expecting ',' delimiter, column " \
+                  f"{len(json.dumps(records[1])) + 1})\n"  # fmt: skip  (1-based: just past the cut)

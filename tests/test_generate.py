@@ -53,11 +53,21 @@ def test_stops_at_eos(tiny_model):
     assert stopped == first[: first.index(eos) + 1]
 
 
-def test_cli_end_to_end(assets, tmp_path, capsys):
-    """train.main (1 step) -> generate CLI on the LLaVA folder and on its llava-hf export (same answer), and
-    transformers' generate() on the export (chat template + processor) picks the same greedy tokens."""
-    stage2, hf = str(tmp_path / "stage2"), str(tmp_path / "hf")
-    train.main(flags(assets, stage2, stage=2, max_steps=1))
+def test_cli_end_to_end(assets, tmp_path, capsys, monkeypatch):
+    """train.main (1 step, given relative folders) -> generate CLI from another directory on the LLaVA folder and on
+    its llava-hf export (same answer), and transformers' generate() on the export (chat template + processor) picks
+    the same greedy tokens. The outputs record absolute folders: they work from anywhere."""
+    import json
+    import shutil
+
+    stage2, hf = str(tmp_path / "work" / "stage2"), str(tmp_path / "hf")
+    for name in ("llm", "clip"):
+        shutil.copytree(assets[name], tmp_path / "work" / name)
+    monkeypatch.chdir(tmp_path / "work")
+    train.main(flags(assets, "stage2", stage=2, max_steps=1, model_name_or_path="llm", vision_tower="clip"))
+    monkeypatch.chdir(tmp_path)
+    with open(os.path.join(stage2, "config.json")) as f:
+        assert json.load(f)["mm_vision_tower"] == str(tmp_path / "work" / "clip")
     export.main(["--checkpoint", stage2, "--output", hf])
     image = str(tmp_path / "shape.png")
     draw_shape("blue", "triangle", size=(30, 44)).save(image)

@@ -97,3 +97,28 @@ def test_manifest_is_saved_and_a_changed_setup_warns_on_resume(assets, tmp_path,
     text = capsys.readouterr().out
     assert "was written by a different setup (checkpoint -> now): torch 0.0 -> " + torch.__version__ in text
     assert "--data_path content (sha256 000000000000 -> " in text
+
+
+def test_a_log_file_reads_well(assets, tmp_path):
+    """`python train.py ... > log 2>&1` (LLaVA's flags, one of them ignored): no progress-bar redraws, the config as
+    its difference from finetune.sh, a flag warning as one line, no known-harmless warnings (transformers' notes on
+    LLaVA folders and long samples, FSDP2's view-tensor warning on stage 1's projector), real durations."""
+    import re
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    for stage, out in ((1, "one"), (2, "two")):
+        argv = flags(assets, str(tmp_path / out), stage=stage, max_steps=3, logging_steps=1, tf32="True")
+        with open(log, "a") as f:
+            run = subprocess.run([sys.executable, "train.py", *argv], cwd=os.path.dirname(train.__file__),
+                                 stdout=f, stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
+        assert run.returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "\r" not in text and "it/s" not in text
+    assert text.count("warning: --tf32 is ignored: TF32 matmuls are always enabled on GPU\n") == 2
+    for noise in ("Warning", "[transformers]", "view tensor", "Token indices"):
+        assert noise not in text, (noise, text)
+    assert "stage 2: LLaVA's finetune.sh with\n" in text and "  --learning_rate 0.001 (finetune.sh: 2e-05)\n" in text
+    assert re.search(r"\ndone in \d+\.\d s; trained 3 steps in \d+\.\d s: ", text)
+    assert len(text.splitlines()) < 60, text

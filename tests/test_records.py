@@ -35,6 +35,33 @@ def test_records_are_json_loads_samples_and_their_word_counts(tmp_path, indent):
     assert pickle.loads(pickle.dumps(records))[0] == RECORDS[0]  # spawned DataLoader workers reopen the file
 
 
+def test_json_lines_give_the_same_records(tmp_path):
+    """A .jsonl file (one record per line, as LLaVA-NeXT reads it; blank lines and a missing last newline allowed)
+    gives the records and word counts of the same samples as a JSON list."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS[:2]) + "\n\n  " +
+                    "\n".join(json.dumps(r) for r in RECORDS[2:]), encoding="utf-8")  # fmt: skip
+    records = load_records(str(path))
+    assert list(records) == RECORDS and records.words.tolist() == [9, -4, WORDS_INVALID, WORDS_INVALID]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"id": 1}\n{"id": 2,\n', r"line 2 is not JSON \(Expecting property name enclosed in double quotes"),
+        ('{"id": 1} {"id": 2}\n', "line 1 is not one JSON object"),
+        ('{"id": 1}\n[{"id": 2}]\n', "line 2 is not one JSON object"),
+        ("\n \n", "the file holds no samples"),
+        ('[{"id": 1},\n{"id": 2}]', "line 1 is not JSON"),  # a JSON list named .jsonl
+    ],
+)
+def test_bad_json_lines_name_the_file_and_the_line(tmp_path, text, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^--data_path {path}: {message}"):
+        load_records(str(path))
+
+
 def test_the_cache_is_built_once_and_rebuilt_when_the_file_changes(tmp_path, monkeypatch):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(RECORDS[:2]))

@@ -1,0 +1,153 @@
+"""What every rank builds and runs: the model laid out for training (sharded_model, build_model) and one optimizer
+step (train_step). train.py composes them with the data and the loop; `python -m minillava.plan` traces the same two
+on fake tensors to say whether a run will fit."""
+
+import torch
+
+from minillava import distributed as D
+from minillava.config import Config
+from minillava.formats import initial_state, run_configs, run_settings
+from minillava.layout import Batch
+from minillava.lora import add_lora, initial_lora_state
+from minillava.memory import CheckpointPlan, device_memory, plan_checkpointing
+from minillava.metrics import FlopModel, StepRecord
+from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
+
+
+def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Config, extra=None) -> StepRecord:
+    """One optimizer step over gradient_accumulation_steps micro-batches. It reads nothing from the device: token
+    counts are host ints from the layout, and the step's metrics are summed over ranks in one collective and left on
+    the device (a StepRecord: the loop reads a window of steps at once). extra(): more per-rank host numbers to sum
+    in that collective (the loop's FLOPs, tokens and stop flag), asked for after the optimizer step."""
+    global_token = cfg.train.loss_reduction == "global_token"
+    counts = [b.num_label_tokens for b in micro_batches]
+    if global_token:  # every rank's label tokens of the whole step, before any backward (torchtitan style)
+        n_step = D.all_reduce_on_device([float(sum(counts))]).clamp(min=1)  # stays on the device: no host read
+    losses = []
+    for batch in micro_batches:
+        loss_sum, n_tok = model(**batch)
+        # The one place the loss is normalised. llava (default, LLaVA's HF Trainer): token mean per micro-batch, / GA
+        # here, and FSDP averages over ranks. global_token: sum / all label tokens of the step (FSDP sums).
+        loss = loss_sum / n_step if global_token else loss_sum / max(n_tok, 1) / len(micro_batches)
+        loss.backward()  # a fully masked micro-batch has loss 0 and zero gradients, never NaN
+        losses.append(loss.detach())
+    grad_norms = D.clip_grad_norm(model, cfg.train.max_grad_norm)  # the total and per component (llm, projector)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    # llava: the mean of micro-batch means (/ ranks below); global_token: this rank's share of the global token mean.
+    sums = {"loss": torch.stack(losses).sum(), "label_tokens": sum(counts), "empty_micro_batches": counts.count(0),
+            "text_only_samples": sum(b.num_text_only for b in micro_batches),
+            "lost_label_tokens": sum(b.num_lost_labels for b in micro_batches)}  # fmt: skip
+    sums |= extra() if extra else {}
+    reduced = D.all_reduce_on_device(list(sums.values()))
+    if not global_token:
+        reduced[0] /= D.world_size()
+    norms = torch.stack(list(grad_norms.values())).to(reduced)
+    return StepRecord([*sums, *grad_norms], torch.cat([reduced, norms]))
+
+
+def meta_model(cfg: Config, llm_config, vision_config) -> LlavaModel:
+    """The run's LlavaModel on the meta device (no memory yet), frozen as the stage requires."""
+    m, t = cfg.model, cfg.train
+    with torch.device("meta"):
+        model = build_llava_from_config(
+            llm_config,
+            vision_config,
+            run_settings(cfg),
+            attn_implementation=t.attn_implementation,
+            padding_free=t.padding_free,
+        )
+        if t.lora_enable:  # adapters on every Linear of the LLM body (find_all_linear_names)
+            add_lora(model.llm.model, t.lora_r, t.lora_alpha, t.lora_dropout)
+    set_trainable(
+        model,
+        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
+        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
+        freeze_backbone=m.freeze_backbone,
+        lora=t.lora_enable,
+    )
+    return model
+
+
+def init_random_weights(model: LlavaModel, device: torch.device, seed: int) -> None:
+    """Materialise a sharded model on `device` with seeded random weights (no file is read): N(0, 0.02) matrices,
+    zero biases, unit norm weights, then the non-pretrained init. Each rank draws its own local shard."""
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if name.endswith("bias"):
+                local.zero_()
+            elif p.ndim == 1:  # norm weights
+                local.fill_(1.0)
+            else:
+                local.normal_(0.0, 0.02)
+        model.init_non_pretrained()  # RoPE / CLIP position buffers, projector default init
+
+
+def sharded_model(
+    cfg: Config,
+    info: D.DistInfo,
+    configs: tuple,
+    *,
+    lengths: list[int] | None = None,
+    device_bytes: int | None = None,
+    checkpoint_layers: int | None = None,
+    local_world_size: int | None = None,
+) -> tuple[LlavaModel, FlopModel, CheckpointPlan]:
+    """Meta-device build -> freeze -> compile -> checkpointing -> fully_shard: the run's layout, no memory yet.
+
+    lengths: the LLM lengths of the largest micro-batch's samples (the checkpointing plan's; default
+    per_device_train_batch_size samples of model_max_length).
+    device_bytes: the memory the plan fits into (default this rank's device). checkpoint_layers: with
+    --gradient_checkpointing True, only the first K blocks (bench/bench.py --checkpoint_layers). local_world_size:
+    the ranks of a node for --hsdp (default torchrun's LOCAL_WORLD_SIZE)."""
+    t = cfg.train
+    model = meta_model(cfg, *configs)
+    D.print0(parameter_report(model))
+    flops = FlopModel.from_model(model)
+    if t.bf16:  # frozen weights need no fp32 master copy: store them in bf16 (LLaVA moves the tower to bf16 too)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    if t.torch_compile:  # each block's forward; AC then checkpoints the compiled forward, FSDP2's hooks stay outside
+        D.compile_blocks(model.decoder_layers(), t.torch_compile_backend)
+    mesh = D.device_mesh(info.device, t.hsdp, local_world_size)
+    shard = info.world_size if mesh is None else mesh.size(1)
+    device_bytes = device_memory(info.device) if device_bytes is None else device_bytes
+    plan = plan_checkpointing(model, t, shard, device_bytes, lengths)
+    D.print0(plan.describe())
+    if t.gradient_checkpointing:  # True: every layer (or bench's first checkpoint_layers); auto: the plan's
+        k = plan.layers if t.gradient_checkpointing == "auto" else checkpoint_layers
+        D.apply_activation_checkpointing(model.decoder_layers()[:k])
+    global_token = t.loss_reduction == "global_token"
+    D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=global_token,
+                 mesh=mesh)  # fmt: skip
+    return model, flops, plan
+
+
+def build_model(
+    cfg: Config,
+    info: D.DistInfo,
+    configs: tuple | None = None,
+    *,
+    lengths: list[int] | None = None,
+    random_weights_seed: int | None = None,
+    checkpoint_layers: int | None = None,
+) -> tuple[LlavaModel, FlopModel]:
+    """sharded_model -> weights streamed from rank 0 (every rank keeps its shards).
+
+    configs: (llm_config, vision_config), default the flags' folders (formats.run_configs). random_weights_seed:
+    read no weights, materialise seeded random ones (bench/bench.py)."""
+    llm_config, vision_config = configs = configs or run_configs(cfg)
+    model, flops, _ = sharded_model(cfg, info, configs, lengths=lengths, checkpoint_layers=checkpoint_layers)
+    if random_weights_seed is not None:
+        init_random_weights(model, info.device, random_weights_seed)
+        return model, flops
+    state = initial_state(cfg, llm_config, vision_config) if info.is_main else None
+    if state is not None and cfg.train.lora_enable:  # fresh adapters (B = 0: the run starts at the base model)
+        state |= initial_lora_state(model, cfg.train.seed)
+    D.materialize_and_load(model, state, info.device)  # only rank 0 read the files; the others get their shards
+    return model, flops
