@@ -147,7 +147,7 @@ def test_sigterm_saves_a_checkpoint_stops_and_resume_continues_exactly(assets, t
     code, err = _cli(flags(assets, out, **common), capsys)
     assert code == exit_code and "Traceback" not in err
     hint = f"saved {os.path.join(out, 'checkpoint-2')}; to continue, run the same command with --resume_from_checkpoint"
-    assert err.endswith(f"\nstopped after step 2 of 5 ({reason}): {hint} auto\n"), err
+    assert err.endswith(f"stopped after step 2 of 5 ({reason}): {hint} auto\n"), err  # the last line
     assert sorted(os.listdir(out)).count("checkpoint-2") == 1 and not os.path.exists(os.path.join(out, "config.json"))
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # main put them back
     monkeypatch.undo()
