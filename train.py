@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader
 from minillava import distributed as D
 from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, one_line_config_warnings, parse_args, save_config
-from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer, longest_samples
+from minillava.data import (
+    DataCollator,
+    EvalSamples,
+    LazySupervisedDataset,
+    load_image_processor,
+    load_tokenizer,
+    longest_samples,
+)
 from minillava.formats import (
     check_model_files,
     check_paths,
@@ -54,8 +61,8 @@ from minillava.outputs import (
     unclaim_output_dir,
 )
 from minillava.preemption import Preempted, StopRequest, ignore_stop_signals
-from minillava.sampler import DistributedModalityLengthSampler
-from minillava.step import build_model, train_step
+from minillava.sampler import DistributedModalityLengthSampler, eval_batches
+from minillava.step import build_model, evaluate, train_step
 
 NO_LABEL_STEPS = 20  # a run whose first steps train no label token at all stops (nothing would be learnt)
 
@@ -66,10 +73,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_dataset(cfg: Config, tokenizer, image_processor, num_image_tokens: int) -> LazySupervisedDataset:
+def build_dataset(cfg: Config, tokenizer, image_processor, num_image_tokens: int, data_path: str | None = None):
+    """LLaVA's LazySupervisedDataset of --data_path (or data_path: the validation set's)."""
     d = cfg.data
     return LazySupervisedDataset(
-        d.data_path,
+        data_path or d.data_path,
         tokenizer,
         image_processor,
         image_folder=d.image_folder,
@@ -103,16 +111,10 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_
         group_by_modality=t.group_by_modality_length,
         longest_first=t.longest_first,
     )
-    collate = LayoutCollator(  # LLaVA's collator, then the final layout (expanded images, packing) on the host
-        DataCollator(pad_token_id=tokenizer.pad_token_id, model_max_length=t.model_max_length),
-        image_tokens=num_image_tokens,
-        max_len=t.model_max_length,
-        padding_free=t.padding_free,
-    )
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collator(cfg, tokenizer, num_image_tokens),
         num_workers=t.dataloader_num_workers,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
@@ -120,6 +122,35 @@ def build_loader(cfg: Config, tokenizer, image_processor, info: D.DistInfo, num_
         generator=torch.Generator().manual_seed(t.seed),  # worker seeds off the global RNG: resume stays exact
     )
     return loader, sampler
+
+
+def collator(cfg: Config, tokenizer, num_image_tokens: int) -> LayoutCollator:
+    """LLaVA's collator, then the final layout (expanded images, packing) on the host."""
+    t = cfg.train
+    return LayoutCollator(
+        DataCollator(pad_token_id=tokenizer.pad_token_id, model_max_length=t.model_max_length),
+        image_tokens=num_image_tokens,
+        max_len=t.model_max_length,
+        padding_free=t.padding_free,
+    )
+
+
+def build_eval_loader(cfg: Config, dataset: LazySupervisedDataset, info: D.DistInfo) -> DataLoader:
+    """The validation set in order, dealt to the ranks (sampler.eval_batches), through the training collator."""
+    t = cfg.train
+    batches = eval_batches(len(dataset), t.per_device_eval_batch_size, info.world_size, info.rank)
+    return DataLoader(EvalSamples(dataset), batch_sampler=batches, num_workers=t.dataloader_num_workers,
+                      collate_fn=collator(cfg, dataset.tokenizer, dataset.image_tokens),
+                      worker_init_fn=ignore_stop_signals)  # fmt: skip
+
+
+def eval_due(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether the validation loss is computed after `step` (1-based): --evaluation_strategy steps every
+    --eval_steps (default --logging_steps, as HF); epoch at every epoch's end and the run's."""
+    t = cfg.train
+    if t.evaluation_strategy == "steps":
+        return step % (t.eval_steps or t.logging_steps) == 0
+    return t.evaluation_strategy == "epoch" and (step % steps_per_epoch == 0 or step == total_steps)
 
 
 def micro_batch_stream(loader, sampler, start_epoch: int, device: torch.device):
@@ -247,9 +278,13 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(local_folder(m.model_name_or_path, "--model_name_or_path"), t.model_max_length)
         image_processor = load_image_processor(local_folder(m.vision_tower, "--vision_tower"))
         configs = run_configs(cfg)
-        dataset = build_dataset(cfg, tokenizer, image_processor, image_tokens(configs[1], m.mm_vision_select_feature))
+        n_image = image_tokens(configs[1], m.mm_vision_select_feature)
+        dataset = build_dataset(cfg, tokenizer, image_processor, n_image)
+        held_out = cfg.data.eval_data_path and build_dataset(cfg, tokenizer, image_processor, n_image,
+                                                             cfg.data.eval_data_path)  # fmt: skip
         model, flops = build_model(cfg, info, configs, lengths=largest_micro_batch(cfg, dataset))
         loader, sampler = build_loader(cfg, tokenizer, image_processor, info, model.num_image_tokens, dataset)
+        eval_loader = held_out and build_eval_loader(cfg, held_out, info)
         ga = t.gradient_accumulation_steps
         total_steps = num_training_steps(
             sampler.steps_per_epoch, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps
@@ -315,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
                         )
                     logger.record(done, row, log=done == step + 1 and (log or stopping))
                 window, t_window = [], time.perf_counter()
+            if eval_loader and eval_due(cfg, step + 1, sampler.steps_per_epoch, total_steps):
+                logger.record_eval(step + 1, *evaluate(model, eval_loader, info.device))
             saved = ckpt.save_if_due(step + 1)
             if window or not stopping or step + 1 == total_steps:
                 continue

@@ -76,8 +76,11 @@ class ModelArgs:
 class DataArgs:
     """LLaVA's DataArguments (llava/train/train.py L69-76); lazy_preprocess and is_multimodal are always True."""
 
-    data_path: str = _flag(help="LLaVA-format JSON list of samples (v1.5 stage 2: llava_v1_5_mix665k.json)")
+    data_path: str = _flag(help="LLaVA-format JSON list of samples (v1.5 stage 2: llava_v1_5_mix665k.json), or "
+                           "JSON Lines (.jsonl)")
     image_folder: str = _flag(help="folder the samples' image paths are relative to")
+    eval_data_path: str | None = _flag(None, "held-out samples (as --data_path, images in --image_folder) for the "
+                                       "validation loss (HF's eval_dataset; LLaVA has none)")
     image_aspect_ratio: str = _flag("square", "square = CLIP resize + center crop, pad = expand2square with the "
                                     "mean colour first (v1.5 finetune); anyres is LLaVA-1.6's")
 
@@ -121,6 +124,12 @@ class TrainArgs:
     torch_compile: bool = _flag(False, "torch.compile each LLM decoder layer (dynamic shapes); off until measured")
     torch_compile_backend: str = _flag("inductor", "--torch_compile backend; aot_eager generates no code (CPU tests)")
     seed: int = _flag(42, "seed of the projector init, the sampler order and the DataLoader workers")
+    evaluation_strategy: str = _flag("no", "when to compute the validation loss on --eval_data_path: no, steps "
+                                     "(every --eval_steps) or epoch (every epoch's end and the run's); "
+                                     "--eval_strategy is the same flag (HF's newer name)")
+    eval_steps: int | None = _flag(None, "validation loss every N steps (--evaluation_strategy steps); unset: "
+                                   "--logging_steps, as HF")
+    per_device_eval_batch_size: int = _flag(8, "samples per rank in one validation forward (LLaVA's scripts: 4)")
     logging_steps: int = _flag(1, "log every N steps (metrics.jsonl, progress bar, wandb); HF's default is 500. The "
                                 "metrics are read from the device only then, so a SIGTERM is honoured within N steps")
     save_steps: int = _flag(500, "resumable checkpoint every N steps; 0 = only the final save")
@@ -155,6 +164,7 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
         per_device_train_batch_size=32, gradient_accumulation_steps=1, save_steps=24000, save_total_limit=1,
         learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine", logging_steps=1,
         model_max_length=2048, gradient_checkpointing="auto", dataloader_num_workers=4, padding_free=True,
+        per_device_eval_batch_size=4,
     ),
     2: dict(  # finetune.sh: LLM + projector, global batch 16 x 8 GPUs = 128
         reshard_after_forward=True,  # --deepspeed ./scripts/zero3.json
@@ -163,7 +173,7 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
         num_train_epochs=1.0, per_device_train_batch_size=16, gradient_accumulation_steps=1, save_steps=50000,
         save_total_limit=1, learning_rate=2e-5, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
         logging_steps=1, model_max_length=2048, gradient_checkpointing="auto", dataloader_num_workers=4,
-        padding_free=True,
+        padding_free=True, per_device_eval_batch_size=4,
     ),
 }
 # fmt: on
@@ -178,8 +188,6 @@ class Ignored(NamedTuple):
 
 _QLORA = "QLoRA is not supported (only used with --bits 4|8)"
 IGNORED_FLAGS: dict[str, Ignored] = {
-    "evaluation_strategy": Ignored(None, "there is no evaluation loop"),
-    "per_device_eval_batch_size": Ignored(None, "there is no evaluation loop"),
     "lazy_preprocess": Ignored(None, "the dataset is always lazy"),
     "tf32": Ignored(None, "TF32 matmuls are always enabled on GPU"),
     "save_strategy": Ignored(
@@ -226,6 +234,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "loss_reduction": ("llava", "global_token"),
     "gradient_checkpointing": (True, False, "auto"),
     "report_to": ("none", "wandb"),
+    "evaluation_strategy": ("no", "steps", "epoch"),
     "lora_bias": ("none",),  # LLaVA's all / lora_only also train biases; no v1.5 script uses them
 }
 
@@ -238,7 +247,7 @@ def _choices() -> dict[str, tuple[Any, ...]]:
 
 
 _POSITIVE = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps",
-             "save_total_limit", "lora_r", "lora_alpha")  # fmt: skip
+             "save_total_limit", "lora_r", "lora_alpha", "eval_steps", "per_device_eval_batch_size")  # fmt: skip
 _NON_NEGATIVE = ("learning_rate", "mm_projector_lr", "weight_decay", "max_grad_norm", "save_steps",
                  "dataloader_num_workers")  # fmt: skip
 
@@ -282,6 +291,9 @@ class Config:
         _check(v["max_steps"] > 0 or v["num_train_epochs"] > 0, "num_train_epochs", v["num_train_epochs"],
                "must be > 0 unless --max_steps > 0")  # fmt: skip
         _check(0.0 <= v["lora_dropout"] < 1.0, "lora_dropout", v["lora_dropout"], "must be in [0, 1)")
+        if (v["evaluation_strategy"] == "no") != (v["eval_data_path"] is None):
+            raise ValueError("--eval_data_path and --evaluation_strategy go together: a validation set needs "
+                             "--evaluation_strategy steps or epoch, and those need --eval_data_path")  # fmt: skip
         if v["lora_enable"] and v["tune_mm_mlp_adapter"]:
             raise ValueError("--lora_enable True adapts the LLM (stage 2): drop --tune_mm_mlp_adapter")
         # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats.check_model_files.
@@ -381,6 +393,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, (accepted, why, _) in IGNORED_FLAGS.items():
         values = "any value" if accepted is None else "accepted: " + ", ".join(map(str, accepted))
         _add(ignored, name, f"{why} ({values})", nargs="?", const="True", metavar="VALUE")
+    _add(p, "eval_strategy", argparse.SUPPRESS, type=str, metavar="STR")  # --evaluation_strategy's newer HF name
     mapped = p.add_argument_group("LLaVA flags mapped", "Set one of minillava's flags, with a warning saying so.")
     for name, what in MAPPED_FLAGS.items():
         _add(mapped, name, what, nargs="?", const="True", metavar="FILE")
@@ -426,6 +439,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if str(explicit.get("save_strategy", "")).lower() == "no" and "save_steps" not in explicit:
         explicit["save_steps"] = 0  # HF's save_strategy "no": no mid-run checkpoints, only the final save
     _consume_ignored(explicit)
+    if "eval_strategy" in explicit:  # HF renamed evaluation_strategy (transformers 4.41); both are accepted
+        if "evaluation_strategy" in explicit:
+            raise ValueError("--eval_strategy and --evaluation_strategy are the same flag; give one")
+        explicit["evaluation_strategy"] = explicit.pop("eval_strategy")
     if "deepspeed" in explicit:
         if "reshard_after_forward" in explicit:
             raise ValueError("--deepspeed and --reshard_after_forward both set the sharding mode; give one")

@@ -24,6 +24,7 @@ from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
 from minillava.formats import read_records_cache, records_cache_dir, write_records_cache
 from minillava.layout import supervised_tokens
+from minillava.sampler import PAD_SAMPLE
 
 logger = logging.getLogger(__name__)
 ASPECT_RATIOS = ("pad", "square")
@@ -381,6 +382,23 @@ class LazySupervisedDataset(Dataset):
         elif self.is_multimodal:
             out["pixel_values"] = torch.zeros(3, *processor_size(self.image_processor))  # LLaVA's zero image
         return out
+
+
+class EvalSamples(Dataset):
+    """A validation set read through sampler.eval_batches' indices: PAD_SAMPLE is sample 0 with every label masked
+    (it keeps a rank that ran out of samples in step with the others, adding no loss and no token)."""
+
+    def __init__(self, dataset: LazySupervisedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i != PAD_SAMPLE:
+            return self.dataset[i]
+        out = self.dataset[0]
+        return {**out, "labels": torch.full_like(out["labels"], IGNORE_INDEX), "lost_labels": torch.tensor(0)}
 
 
 @dataclass

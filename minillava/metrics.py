@@ -189,6 +189,17 @@ class MetricsLogger:
         self.bar.write(console_line(step, self.total_steps, metrics))
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', 0):.2e}")
 
+    def record_eval(self, step: int, loss: float, tokens: int) -> None:
+        """The validation loss after `step`: a metrics.jsonl record of its own, wandb's eval/loss, a console line."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), "eval_loss": loss, "eval_tokens": tokens}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({"eval/loss": loss, "eval/tokens": tokens}, step=step)
+        self.bar.write(f"eval after step {step}/{self.total_steps} | eval_loss {loss:.4f} | {tokens:,} label tokens")
+
     def summary(self) -> str:
         """Time, steps, mean throughput and peak memory of this run (resumed runs: since the resume)."""
         wall = time.perf_counter() - self.start

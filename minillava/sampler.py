@@ -2,7 +2,8 @@
 
 Pure index functions reproduce llava/train/llava_trainer.py L38-96 (commit c121f04) but draw every random number from
 one explicit torch.Generator; shard_for_rank reproduces how accelerate 0.21 dealt per-device batches.
-DistributedModalityLengthSampler is the thin, resumable batch sampler the training loop hands to its DataLoader.
+DistributedModalityLengthSampler is the thin, resumable batch sampler the training loop hands to its DataLoader;
+eval_batches deals the validation set.
 """
 
 import math
@@ -177,3 +178,15 @@ class DistributedModalityLengthSampler:
         if not 0 <= state["position"] <= len(self):
             raise ValueError(f"sampler position {state['position']} outside 0..{len(self)}: batch config changed?")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+PAD_SAMPLE = -1  # an eval batch slot without a sample: a rank that ran out still joins every forward (FSDP gathers)
+
+
+def eval_batches(num_samples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """The validation set in order, dealt round-robin to the ranks (sample i to rank i % world_size) and cut into
+    micro-batches of batch_size; every rank gets the same number of micro-batches, a rank left without a sample for
+    one gets [PAD_SAMPLE] (a fully masked sample: no loss, no token)."""
+    mine = list(range(rank, num_samples, world_size))
+    steps = math.ceil(math.ceil(num_samples / world_size) / batch_size)
+    return [mine[k * batch_size : (k + 1) * batch_size] or [PAD_SAMPLE] for k in range(steps)]

@@ -47,6 +47,23 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, cfg: Con
     return StepRecord([*sums, *grad_norms], torch.cat([reduced, norms]))
 
 
+def evaluate(model, batches, device: torch.device) -> tuple[float, int]:
+    """The validation loss: (token mean over every rank's label tokens, those tokens), without gradients
+    and in eval mode (LoRA dropout off), in one collective; the same number as the training loss of the same samples
+    and weights. `batches`: this rank's micro-batches (train.build_eval_loader: all ranks run as many)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = torch.zeros((), device=device, dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches:
+            batch_loss, n_tok = model(**batch.to(device))
+            loss_sum += batch_loss.double()
+            tokens += n_tok
+    model.train(was_training)
+    total, n = D.all_reduce([loss_sum, float(tokens)])
+    return total / max(n, 1), int(n)
+
+
 def meta_model(cfg: Config, llm_config, vision_config) -> LlavaModel:
     """The run's LlavaModel on the meta device (no memory yet), frozen as the stage requires."""
     m, t = cfg.model, cfg.train
