@@ -699,7 +699,8 @@ def check_paths(cfg) -> None:
             local_folder(name, flag)
     resume = t.resume_from_checkpoint if t.resume_from_checkpoint != "auto" else None
     paths = {"--data_path": (d.data_path, "file"), "--image_folder": (d.image_folder, "folder"),
-             "--eval_data_path": (d.eval_data_path, "file"), "--resume_from_checkpoint": (resume, "folder")}  # fmt: skip
+             "--eval_data_path": (d.eval_data_path, "file"),
+             "--resume_from_checkpoint": (resume, "folder")}  # fmt: skip
     for flag, (path, kind) in paths.items():
         if path is not None and not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
             why = "does not exist" if not os.path.exists(path) else f"is not a {kind}"
