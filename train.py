@@ -383,6 +383,18 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
 
 
+def report(line: str) -> None:
+    """A rank's one-line error on stderr; under torchrun also its error file (TORCHELASTIC_ERROR_FILE), so that
+    torchrun's failure report names it (`traceback : error: ...`) instead of "To enable traceback see ..."."""
+    print(line, file=sys.stderr, flush=True)
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        import json
+
+        with open(path, "w") as f:  # the layout torch.distributed.elastic's ErrorHandler writes and torchrun reads
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)  # fmt: skip
+
+
 def cli(argv: list[str]) -> int:
     """`python train.py` / torchrun: main() with what a user can fix as one line on stderr instead of a traceback.
     A bad flag, path or file (ValueError) is the same on every rank: the first rank of each node prints it; a bad
@@ -402,13 +414,13 @@ def cli(argv: list[str]) -> int:
         return 130
     except ValueError as e:
         if first or isinstance(e, SampleError):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            report(f"error: {e}")
         return 1
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
         if first:  # the save's own one-line message (minillava/outputs.py removed_on_error)
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            report(f"error: {e}")
         return 1
     return 0
 
