@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
             f"world {info.world_size} | global batch {global_batch} | {len(loader.dataset)} samples | "
             f"{sampler.steps_per_epoch} steps/epoch | {total_steps} steps"
         )
+        if len(loader.dataset) < global_batch:  # the sampler wraps the order round to fill the step
+            D.print0(f"note: {len(loader.dataset)} samples are fewer than the global batch of {global_batch}: every "
+                     "step repeats samples within itself")  # fmt: skip
         started = True  # the start-up passed (model, data, resume): from here on the run writes into --output_dir
         if info.is_main:
             if t.overwrite_output_dir and (gone := clear_output_dir(t.output_dir)):
@@ -383,10 +386,12 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
 
 
-def report(line: str) -> None:
-    """A rank's one-line error on stderr; under torchrun also its error file (TORCHELASTIC_ERROR_FILE), so that
-    torchrun's failure report names it (`traceback : error: ...`) instead of "To enable traceback see ..."."""
-    print(line, file=sys.stderr, flush=True)
+def report(line: str, show: bool = True) -> None:
+    """A rank's one-line error on stderr (if show); under torchrun also its error file (TORCHELASTIC_ERROR_FILE, every
+    failing rank), so that torchrun's failure report names it (`traceback : error: ...`) instead of "To enable
+    traceback see ..."."""
+    if show:
+        print(line, file=sys.stderr, flush=True)
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
         import json
 
@@ -413,14 +418,12 @@ def cli(argv: list[str]) -> int:
             print("interrupted (Ctrl-C): nothing saved", file=sys.stderr, flush=True)
         return 130
     except ValueError as e:
-        if first or isinstance(e, SampleError):
-            report(f"error: {e}")
+        report(f"error: {e}", first or isinstance(e, SampleError))
         return 1
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
-        if first:  # the save's own one-line message (minillava/outputs.py removed_on_error)
-            report(f"error: {e}")
+        report(f"error: {e}", first)  # the save's own one-line message (minillava/outputs.py removed_on_error)
         return 1
     return 0
 

@@ -349,6 +349,7 @@ class Checkpointer:
             return 0
         state = read_json(os.path.join(path, STATE_NAME))
         self._check_shape(state["run"], path)
+        self._check_flags(state["step"], path)
         self._report_config_changes(path)
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
         model_sd = get_model_state_dict(self.model, options=TRAINABLE)
@@ -369,7 +370,16 @@ class Checkpointer:
                 "the checkpoint is damaged: pass an older one with --resume_from_checkpoint"
             ) from e
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        # The learning rate of the first resumed step is the current schedule's (a longer --max_steps moves it), with
+        # the checkpoint's base rates; unchanged flags give exactly the saved value.
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas,
+                                   strict=True):  # fmt: skip
+            group["lr"] = base * fn(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        # Where the next step starts, in this run's micro-batches: every split of the same global batch into ranks x
+        # accumulation x micro-batch holds the same samples at each step (sampler.py), so the step says it all.
+        spe, step = self.sampler.steps_per_epoch, state["step"]
+        self.sampler.load_state_dict({"epoch": step // spe, "position": step % spe * t.gradient_accumulation_steps})
         rng = os.path.join(path, f"rng_state_{dist.get_rank()}.pth")
         if os.path.isfile(rng):  # absent when the world size changed (allowed if world x GA x batch did not)
             _set_rng_state(torch.load(rng, weights_only=True))
@@ -398,6 +408,22 @@ class Checkpointer:
                 f"cannot resume from {path}: {'; '.join(changed)}. The checkpoint's sampler position and step count "
                 "would no longer match the data order; restore those settings or start a new --output_dir"
             )
+
+    def _check_flags(self, step: int, path: str) -> None:
+        """Refuse the flag changes a resume cannot honour, naming the flag and its saved value: the order of an epoch
+        under way (--seed, --group_by_modality_length, --longest_first: samples would be trained twice or never) and
+        the shapes of the trained state (--lora_r, --mm_projector_type)."""
+        old = read_json(os.path.join(path, CONFIG_NAME))
+        old, new = {k: v for d in old.values() for k, v in d.items()}, self.cfg.to_dict()
+        new = {k: v for d in new.values() for k, v in d.items()}
+        mid_epoch = step % self.sampler.steps_per_epoch != 0
+        order = ("seed", "group_by_modality_length", "longest_first") if mid_epoch else ()
+        for flag in (*order, "lora_r", "mm_projector_type"):
+            if flag in old and old[flag] != new[flag] and (flag != "lora_r" or new["lora_enable"]):
+                why = "the order of the epoch under way" if flag in order else "the shapes of the trained weights"
+                hint = " (it may change at an epoch boundary)" if flag in order else ""
+                raise ValueError(f"cannot resume from {path}: --{flag} {new[flag]} changes {why}; the checkpoint "
+                                 f"was trained with --{flag} {old[flag]}: pass that{hint}")  # fmt: skip
 
     def _report_config_changes(self, path: str) -> None:
         old, new = read_json(os.path.join(path, CONFIG_NAME)), self.cfg.to_dict()

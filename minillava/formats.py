@@ -242,12 +242,25 @@ def pretrained_state_dict(model_name_or_path: str, vision_tower: str) -> dict[st
 ADAPTER_EXPECTED = "a stage-1 mm_projector.bin (torch.save of {name: tensor}, as train.py --stage 1 writes it)"
 
 
+def _folder_advice(path: str) -> str:
+    """What a folder given as --pretrain_mm_mlp_adapter is, and the flag that takes it."""
+    if os.path.isfile(projector := os.path.join(path, "mm_projector.bin")):
+        return f"is a folder; its projector is {projector}: pass that file"
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return ("is a training checkpoint (checkpoint-N): --resume_from_checkpoint takes it (with the run's flags); "
+                f"--pretrain_mm_mlp_adapter takes {ADAPTER_EXPECTED}")  # fmt: skip
+    if checkpoint_kind(path) is not None:
+        return ("is a stage-2 model folder: --model_name_or_path takes it (to finetune it further), with no "
+                f"--pretrain_mm_mlp_adapter (it has its projector); that flag takes {ADAPTER_EXPECTED}")  # fmt: skip
+    return f"is a folder without mm_projector.bin; expected {ADAPTER_EXPECTED}"
+
+
 def _read_adapter(path: str) -> dict[str, Tensor]:
     """torch.load(weights_only=True) of --pretrain_mm_mlp_adapter; every way it can be wrong is one ValueError line
     naming the file and what was expected (never torch's own advice to load untrusted pickles)."""
     flag = f"--pretrain_mm_mlp_adapter {path}"
     if os.path.isdir(path):
-        raise ValueError(f"{flag}: is a directory; expected {ADAPTER_EXPECTED}, e.g. {path}/mm_projector.bin")
+        raise ValueError(f"{flag}: {_folder_advice(path)}")
     if not os.path.isfile(path):
         raise ValueError(f"{flag}: does not exist; expected {ADAPTER_EXPECTED}")
     if os.path.getsize(path) == 0:
@@ -496,6 +509,11 @@ def llava_checkpoint_configs(path: str, vision_tower: str | None = None) -> tupl
     model from these). LLaVA format: CLIP's config from `vision_tower`, else the config's mm_vision_tower folder.
     llava-hf: vocab_size is the original one (image_token_index, the first row the converter appended)."""
     kind, conf = _check_kind(path), _config(path)
+    if not weight_files(path) and os.path.isfile(projector := os.path.join(path, "mm_projector.bin")):
+        raise ValueError(f"{path!r}: a stage-1 output, which holds only the projector ({projector}): train stage 2 "
+                         f"from it (--pretrain_mm_mlp_adapter {projector}), or export it with its LLM and tower: "
+                         f"python -m minillava.export --model_name_or_path LLM --pretrain_mm_mlp_adapter {projector} "
+                         "--vision_tower TOWER --output DIR")  # fmt: skip
     if kind == "llava":
         tower = clip_folder(path, vision_tower)
         return _llm_config(conf), folder_tower_config(tower, f"{path!r}: its vision tower")

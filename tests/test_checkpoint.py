@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from conftest import build_llava_from_pretrained, flags, losses, write_llava_dataset
+from dist import run_distributed
 from safetensors.torch import load_file
 
 import train
@@ -462,3 +463,64 @@ def test_async_saves_at_every_step_then_resume_from_the_last_is_exact(data, tmp_
     assert losses(out) == first and len(first) == 4
     resumed = final_weights(out)
     assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+
+def _resumed_from(checkpoint, out, argv):
+    os.makedirs(out)
+    shutil.copytree(checkpoint, os.path.join(out, os.path.basename(checkpoint)))
+    train.main([*argv, "--output_dir", out, "--resume_from_checkpoint", "auto"])
+    return losses(out)
+
+
+def _dist_resume(rank, world, checkpoint, out, argv):
+    if rank == 0:
+        os.makedirs(out)
+        shutil.copytree(checkpoint, os.path.join(out, os.path.basename(checkpoint)))
+    torch.distributed.barrier()
+    train.main([*argv, "--output_dir", out, "--resume_from_checkpoint", "auto"])
+
+
+@pytest.mark.dist
+def test_every_split_of_the_global_batch_resumes_at_the_next_unseen_sample(data, tmp_path):
+    """One global batch of 4 split as 1 rank x 4, 1 x GA 2 x 2, 1 x GA 4 x 1 and 2 ranks x 2: resumed mid-epoch from
+    the first one's checkpoint-3 (16 samples: 4 steps an epoch), each continues with the uninterrupted run's losses
+    (global_token: the loss of a step does not depend on its split). The saved position counted micro-batches of the
+    old split: GA 2 trained step 3's samples again and skipped others."""
+    common = dict(max_steps=6, save_steps=3, save_total_limit=2, logging_steps=1, loss_reduction="global_token")
+    ref = str(tmp_path / "ref")
+    train.main(flags(data, ref, per_device_train_batch_size=4, **common))
+    checkpoint, want = os.path.join(ref, "checkpoint-3"), losses(ref)[3:]
+    for batch, ga in ((2, 2), (1, 4)):
+        argv = [a for a in flags(data, "x", per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                                 **common) if a not in ("--output_dir", "x")]  # fmt: skip
+        torch.testing.assert_close(_resumed_from(checkpoint, str(tmp_path / f"{batch}x{ga}"), argv), want,
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    argv = [a for a in flags(data, "x", per_device_train_batch_size=2, **common) if a not in ("--output_dir", "x")]
+    run_distributed(_dist_resume, tmp_path, checkpoint, str(tmp_path / "two"), argv)
+    torch.testing.assert_close(losses(str(tmp_path / "two")), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_changed_order_mid_epoch_is_refused_and_a_longer_run_takes_the_new_schedule(data, stage2_ref, tmp_path):
+    """Mid-epoch (checkpoint-6: step 2 of 4 in epoch 2) a changed --seed or --group_by_modality_length would re-deal
+    the epoch (samples trained twice, others never): refused, naming the flag; at an epoch boundary it is allowed.
+    A finished run resumed with a longer --max_steps takes the new schedule from its first resumed step (it used the
+    old schedule's end, lr 0)."""
+    out = str(tmp_path / "o")
+    for name in ("checkpoint-6", "checkpoint-8"):
+        shutil.copytree(os.path.join(stage2_ref, name), os.path.join(out, name))
+    six = os.path.join(out, "checkpoint-6")
+    for flag, value, saved in (("seed", "7", "42"), ("group_by_modality_length", "False", "True")):
+        with pytest.raises(ValueError, match=rf"--{flag} {value} changes the order of the epoch under way; the "
+                                             rf"checkpoint was trained with --{flag} {saved}: pass that \(it may "
+                                             r"change at an epoch boundary\)"):  # fmt: skip
+            train.main(flags(data, out, resume_from_checkpoint=six, gradient_accumulation_steps=2, **{flag: value},
+                             **STAGE2))  # fmt: skip
+    longer = {**STAGE2, "max_steps": 12, "logging_steps": 1}
+    train.main(flags(data, out, resume_from_checkpoint="auto", gradient_accumulation_steps=2, seed=7, **longer))
+    full = str(tmp_path / "full")
+    train.main(flags(data, full, gradient_accumulation_steps=2, **{**longer, "save_steps": 0}))
+    def lr(path):
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            return {r["step"]: r["lr"] for r in map(json.loads, f)}
+
+    assert lr(out)[9] == lr(full)[9] > 0

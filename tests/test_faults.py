@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import pickle
+import re
 import signal
 
 import pytest
@@ -54,7 +55,7 @@ def test_start_up_errors_print_on_the_first_rank_of_each_node_only(assets, tmp_p
     ("content", "message"),
     [
         (b"", "the file is empty"),
-        ("dir", "is a directory; expected a stage-1 mm_projector.bin"),
+        ("dir", "is a folder without mm_projector.bin; expected a stage-1 mm_projector.bin"),
         ("list", "holds list; expected a stage-1 mm_projector.bin"),
         ("str", "holds a dict with non-tensor values"),
         (bytes(range(256)), "not a tensor file torch.load can read safely; expected"),
@@ -295,3 +296,24 @@ def test_an_earlier_run_in_output_dir_is_refused_unless_resumed_or_overwritten(a
     code, err = _cli(two, capsys)
     assert code == 1 and err.startswith(f"error: --output_dir {unfinished} holds checkpoints of a run (checkpoint-3, ")
     assert train.cli([*two, "--resume_from_checkpoint", "auto"]) == 0
+
+
+def test_folders_given_to_the_wrong_flag_say_what_they_are_and_which_flag_takes_them(assets, tmp_path, capsys):
+    """--pretrain_mm_mlp_adapter given a stage-1 output, a stage-2 folder or a checkpoint folder; generate and export
+    given a stage-1 output (only a projector): one line each saying what the folder is and how to use it."""
+    from minillava import generate
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train.main(flags(assets, one, stage=1, max_steps=1))
+    train.main(flags(assets, two, max_steps=2, save_steps=1, save_total_limit=1))
+    for folder, message in ((one, f"is a folder; its projector is {one}/mm_projector.bin: pass that file"),
+                            (two, "is a stage-2 model folder: --model_name_or_path takes it"),
+                            (f"{two}/checkpoint-2", "is a training checkpoint (checkpoint-N): --resume_from_checkpoint "
+                                                    "takes it")):  # fmt: skip
+        cfg = parse_args(flags(assets, str(tmp_path / "o"), pretrain_mm_mlp_adapter=folder))
+        with pytest.raises(ValueError, match=f"^--pretrain_mm_mlp_adapter {folder}: {re.escape(message)}"):
+            check_paths(cfg)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=rf"^'{one}': a stage-1 output, which holds only the projector "
+                                         rf"\({one}/mm_projector.bin\): train stage 2 from it"):  # fmt: skip
+        generate.main(["--checkpoint", one, "--image", "x.png", "--prompt", "hi"])

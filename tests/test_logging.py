@@ -122,3 +122,9 @@ def test_a_log_file_reads_well(assets, tmp_path):
     assert "stage 2: LLaVA's finetune.sh with\n" in text and "  --learning_rate 0.001 (finetune.sh: 2e-05)\n" in text
     assert re.search(r"\ndone in \d+\.\d s; trained 3 steps in \d+\.\d s: ", text)
     assert len(text.splitlines()) < 60, text
+
+
+def test_a_dataset_smaller_than_the_global_batch_says_so_once(assets, tmp_path, capsys):
+    train.main(flags(assets, str(tmp_path / "o"), max_steps=2, gradient_accumulation_steps=10))  # 16 samples < 20
+    out = capsys.readouterr().out
+    assert out.count("note: 16 samples are fewer than the global batch of 20: every step repeats samples") == 1

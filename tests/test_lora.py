@@ -221,3 +221,13 @@ def test_two_ranks_match_one_process(assets, adapter, tmp_path):
     torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)  # measured on CPU: equal
     a, b = _adapters(one), _adapters(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the saved bf16 adapters: equal
+
+
+def test_resume_with_another_lora_r_names_the_flag(lora_run, tmp_path):
+    """A different --lora_r cannot load the saved adapters: one line naming the flag and the saved value (it said
+    "the checkpoint is damaged", and every older checkpoint failed the same way)."""
+    ckpt = os.path.join(lora_run["out"], "checkpoint-2")
+    argv = [*lora_run["argv"], "--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", ckpt, "--lora_r", "4"]
+    with pytest.raises(ValueError, match=r"--lora_r 4 changes the shapes of the trained weights; the checkpoint was "
+                                         r"trained with --lora_r 8: pass that$"):  # fmt: skip
+        train.main(argv)
