@@ -263,20 +263,28 @@ def llava_preprocess_v1(turns, tokenizer, has_image, legacy, model_max_length=20
         turns = preprocess_multimodal(turns)
     prompt = llava_prompt_v1(turns)
     tok = (lambda s: tokenizer_image_token(s, tokenizer)) if has_image else (lambda s: tokenizer(s).input_ids)
+    return llava_round_arithmetic(prompt, prompt.split("</s>"), " ASSISTANT: ", tok, minus=2,
+                                  correction=0 if legacy else -1, model_max_length=model_max_length)  # fmt: skip
+
+
+def llava_round_arithmetic(prompt, rounds, sep, tok, minus, correction, model_max_length=2048):
+    """The masking loop LLaVA's preprocess_v1 / _llama_2 / _mpt share, transcribed: BOS masked (cur_len starts at 1);
+    per round, mask len(tok(instruction + sep)) - minus tokens and advance by len(tok(round)), both + `correction` for
+    rounds after the first; a count that does not end at the prompt's length masks the whole sample. Returns
+    (ids, labels, mismatch)."""
     ids = tok(prompt)
     target, total_len, cur_len = list(ids), len(ids), 1
     target[0] = IGNORE_INDEX
-    sep = " ASSISTANT: "
-    for i, rou in enumerate(prompt.split("</s>")):
+    for i, rou in enumerate(rounds):
         if rou == "":
             break
         parts = rou.split(sep)
         if len(parts) != 2:
             break
         parts[0] += sep
-        round_len, instruction_len = len(tok(rou)), len(tok(parts[0])) - 2
-        if i != 0 and not legacy:
-            round_len, instruction_len = round_len - 1, instruction_len - 1
+        round_len, instruction_len = len(tok(rou)), len(tok(parts[0])) - minus
+        if i != 0:
+            round_len, instruction_len = round_len + correction, instruction_len + correction
         for k in range(cur_len, min(cur_len + instruction_len, total_len)):
             target[k] = IGNORE_INDEX
         cur_len += round_len
@@ -452,31 +460,12 @@ def next_preprocess(turns, tokenizer, has_image, version, legacy=False):
     turns = preprocess_multimodal(turns) if has_image else turns
     prompt = _render(template, turns)[0]
     tok = lambda s: tokenizer_image_token(s, tokenizer)  # noqa: E731 (text-only: the same ids as tokenizer(s))
-    ids = tok(prompt)
-    target, total_len, cur_len = list(ids), len(ids), 1
-    target[0] = IGNORE_INDEX
     if template.style == "llama_2":
-        sep, rounds, minus = "[/INST] ", prompt.split(template.sep2), 2
-    else:
-        sep, pieces, minus = template.sep + template.roles[1], prompt.split(template.sep), 1
-        rounds = [template.sep.join(pieces[:3])]
-        rounds += [template.sep.join(pieces[i : i + 2]) for i in range(3, len(pieces), 2)]
-    for i, rou in enumerate(rounds):
-        if rou == "":
-            break
-        parts = rou.split(sep)
-        if len(parts) != 2:
-            break
-        parts[0] += sep
-        round_len, instruction_len = len(tok(rou)), len(tok(parts[0])) - minus
-        if template.style == "mpt" and i != 0 and legacy:
-            round_len, instruction_len = round_len + 1, instruction_len + 1
-        for k in range(cur_len, min(cur_len + instruction_len, total_len)):
-            target[k] = IGNORE_INDEX
-        cur_len += round_len
-    target[cur_len:] = [IGNORE_INDEX] * max(0, total_len - cur_len)
-    mismatch = cur_len != total_len
-    return ids, ([IGNORE_INDEX] * total_len if mismatch else target), mismatch
+        return llava_round_arithmetic(prompt, prompt.split(template.sep2), "[/INST] ", tok, minus=2, correction=0)
+    pieces = prompt.split(template.sep)
+    rounds = [template.sep.join(pieces[:3])] + [template.sep.join(pieces[i : i + 2]) for i in range(3, len(pieces), 2)]
+    return llava_round_arithmetic(prompt, rounds, template.sep + template.roles[1], tok, minus=1,
+                                  correction=1 if legacy else 0)  # fmt: skip
 
 
 def test_mistral_instruct_labels_equal_llava_next_preprocess_llama_2(tokenizer, legacy_tokenizer):
