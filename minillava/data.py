@@ -2,6 +2,7 @@
 (llava/train/train.py L658-773: LazySupervisedDataset, DataCollatorForSupervisedDataset). Scan a dataset
 before a long run with `python -m minillava.check_data --data_path ... --image_folder ...`."""
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -121,7 +122,15 @@ class RecordFile(Sequence):
 
     def __init__(self, path: str, offsets, words) -> None:
         self.path, self.offsets, self.words = path, offsets, words
-        self._fd, self._pid = None, None
+        # Held open from the start (forked DataLoader workers share it): a file replaced by a new one (a rename, a
+        # script writing a new file) leaves this run reading the one it started with.
+        self._fd, self._pid = os.open(path, os.O_RDONLY), os.getpid()
+        self._version = self._signature(self._fd)
+
+    @staticmethod
+    def _signature(fd: int) -> tuple[int, int, int]:
+        st = os.fstat(fd)
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -130,13 +139,21 @@ class RecordFile(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = range(len(self))[i]  # negative indices, IndexError
-        if self._pid != os.getpid():  # an fd per process (pread is positionless, but a pickled copy has none)
+        if self._pid != os.getpid():  # a spawned worker: its own fd, of the same file (pread is positionless)
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        if self._signature(self._fd) != self._version:  # written over in place (cp onto it): the offsets are stale
+            raise ValueError(f"--data_path {self.path}: the file changed while the run was reading it; put the "
+                             "original back, or resume from the last checkpoint with the new file")  # fmt: skip
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])  # the record, then a separator
         return _DECODER.raw_decode(os.pread(self._fd, end - start, start).decode())[0]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
 
 def _signed_words(record: Any) -> int:
@@ -211,29 +228,54 @@ def _byte_offsets(text: str, chars: list[int]) -> list[int]:
     return offsets
 
 
-def load_records(data_path: str) -> RecordFile:
-    """The data file's records (a JSON list, as LLaVA's json.load at train.py L664; JSON Lines for a .jsonl, as
-    LLaVA-NeXT's), from the records cache: built
-    on first use by one process per machine (the others wait on a file lock), reused by every later run, rank,
-    worker and check_data until the file changes (formats.records_cache_dir)."""
+def _index_file(data_path: str) -> tuple[Any, Any]:
+    """Read and scan the data file: (byte offsets, signed word counts) as numpy arrays; errors name --data_path."""
     try:
-        folder = records_cache_dir(data_path)
-        if (cached := read_records_cache(folder)) is None:
-            os.makedirs(os.path.dirname(folder), exist_ok=True)
-            with open(folder + ".lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when a builder dies
-                if (cached := read_records_cache(folder)) is None:
-                    with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
-                        text = f.read()
-                    chars, words = _scan_records(data_path, text)
-                    write_records_cache(folder, _byte_offsets(text, chars), words)
-                    cached = read_records_cache(folder)
+        with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
+            text = f.read()
+        chars, words = _scan_records(data_path, text)
     except UnicodeDecodeError as e:
         raise ValueError(f"--data_path {data_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                          f"{e.start}); save the file as UTF-8") from None  # fmt: skip
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from None
+    return np.array(_byte_offsets(text, chars), dtype=np.int64), np.array(words, dtype=np.int32)
+
+
+def load_records(data_path: str) -> RecordFile:
+    """The data file's records (a JSON list, as LLaVA's json.load at train.py L664; JSON Lines for a .jsonl, as
+    LLaVA-NeXT's), from the records cache: built on first use by one process per machine (the others wait on a file
+    lock), reused by every later run, rank, worker and check_data until the file changes (formats.records_cache_dir).
+    The cache can never stop a run: a damaged entry is rebuilt, and where it cannot be written (a read-only home, a
+    quota) the index is built in memory, with a note naming the cache folder."""
+    try:
+        folder, size = records_cache_dir(data_path), os.path.getsize(data_path)
+    except OSError as e:
+        raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from None
+    if (cached := read_records_cache(folder, size)) is not None:
+        return RecordFile(data_path, *cached)
+    try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        lock = open(folder + ".lock", "w")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        return RecordFile(data_path, *_uncached(folder, data_path, e))
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when a builder dies
+        if (cached := read_records_cache(folder, size)) is None:
+            cached = _index_file(data_path)
+            try:
+                write_records_cache(folder, *cached)
+            except OSError as e:
+                _uncached(folder, data_path, e, cached)
     return RecordFile(data_path, *cached)
+
+
+def _uncached(folder: str, data_path: str, error: OSError, index=None):
+    """The data file's index built in memory (or `index`, already built) when the cache folder cannot be written."""
+    print(f"note: records cache {os.path.dirname(os.path.dirname(folder))} is not writable ({error.strerror}): "
+          f"indexing {data_path} in memory for this run (set MINILLAVA_CACHE to a writable folder to keep it)",
+          flush=True)  # fmt: skip
+    return index if index is not None else _index_file(data_path)
 
 
 def word_count(record: Any) -> int:

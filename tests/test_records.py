@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,69 @@ def test_the_data_hash_is_read_once_per_file_version(tmp_path, monkeypatch):
     monkeypatch.undo()
     path.write_text(json.dumps(RECORDS[:2]))
     assert formats.data_sha256(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest() != first
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "other arrays"])
+def test_a_damaged_cache_entry_is_rebuilt_with_a_note_naming_it(tmp_path, capsys, damage):
+    """A truncated, empty or foreign index.npz (it gave a BadZipFile / EOFError traceback on every run) is detected
+    (the zip's CRCs, a checksum of what was written, offsets that fit the file) and rebuilt, once."""
+    import numpy as np
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(RECORDS))
+    load_records(str(path))
+    index = Path(formats.records_cache_dir(str(path))) / "index.npz"
+    good = index.read_bytes()
+    if damage == "other arrays":
+        np.savez(index, offsets=np.array([0, 10**9]), words=np.array([1], np.int32), digest=np.zeros(32, np.uint8))
+    else:
+        index.write_bytes({"truncated": good[: len(good) // 2], "empty": b"", "garbage": b"x" * 100}[damage])
+    capsys.readouterr()
+    assert list(load_records(str(path))) == RECORDS
+    note = capsys.readouterr().out
+    assert note.startswith(f"note: records cache {os.path.dirname(index)}: damaged (") and "rebuilding it" in note
+    assert index.read_bytes() == good
+    load_records(str(path))
+    assert capsys.readouterr().out == ""
+
+
+def test_an_unwritable_cache_falls_back_to_memory_with_one_note(tmp_path, monkeypatch, capsys):
+    """A cache folder that cannot be created or written (read-only home, quota: here its parent is a file, which
+    holds for root too) indexes in memory, with one note naming the cache folder, not the data file."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("MINILLAVA_CACHE", str(blocker / "cache"))
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(RECORDS))
+    assert list(load_records(str(path))) == RECORDS
+    out = capsys.readouterr().out
+    assert out == (f"note: records cache {blocker / 'cache'} is not writable (Not a directory): indexing {path} in "
+                   "memory for this run (set MINILLAVA_CACHE to a writable folder to keep it)\n")  # fmt: skip
+
+
+def test_an_edit_that_keeps_size_and_modification_time_is_seen(tmp_path):
+    """The cache key includes the file's change time, which any write moves (its size and mtime can be kept)."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"id": "aaaa"}, {"id": "b"}]))
+    st = os.stat(path)
+    assert load_records(str(path))[0] == {"id": "aaaa"}
+    path.write_text(json.dumps([{"id": "a"}, {"id": "bbbb"}]))  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and list(load_records(str(path))) == [{"id": "a"}, {"id": "bbbb"}]
+
+
+def test_a_data_file_replaced_during_a_run(tmp_path):
+    """The run keeps reading the file it started with when a new one replaces it (rename, a script writing a new
+    file); a file written over in place (cp onto it) stops the read with a line saying so, never a stale offset."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(RECORDS))
+    records = load_records(str(path))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(RECORDS[::-1]))
+    os.replace(new, path)
+    assert records[0] == RECORDS[0] and list(records) == RECORDS  # the original, still open
+    records = load_records(str(path))
+    with open(path, "r+") as f:
+        f.write(json.dumps(RECORDS[::-1])[:10])
+    with pytest.raises(ValueError, match=f"^--data_path {path}: the file changed while the run was reading it"):
+        records[1]
