@@ -121,7 +121,8 @@ def test_a_log_file_reads_well(assets, tmp_path):
         assert noise not in text, (noise, text)
     assert "stage 2: LLaVA's finetune.sh with\n" in text and "  --learning_rate 0.001 (finetune.sh: 2e-05)\n" in text
     assert re.search(r"\ndone in \d+\.\d s; trained 3 steps in \d+\.\d s: ", text)
-    assert len(text.splitlines()) < 60, text
+    ours = [line for line in text.splitlines() if not line.startswith("[Gloo] Rank 0 is connected to 0 peer")]
+    assert len(ours) < 60, text  # (torch 2.10's gloo prints that line per process group: CPU runs only)
 
 
 def test_a_dataset_smaller_than_the_global_batch_says_so_once(assets, tmp_path, capsys):
