@@ -16,6 +16,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # --help at
 
 import functools
 import gc
+import json
 import math
 import os
 import random
@@ -393,8 +394,6 @@ def report(line: str, show: bool = True) -> None:
     if show:
         print(line, file=sys.stderr, flush=True)
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        import json
-
         with open(path, "w") as f:  # the layout torch.distributed.elastic's ErrorHandler writes and torchrun reads
             json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
                                                                   "timestamp": str(int(time.time()))}}}, f)  # fmt: skip

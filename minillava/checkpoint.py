@@ -349,8 +349,9 @@ class Checkpointer:
             return 0
         state = read_json(os.path.join(path, STATE_NAME))
         self._check_shape(state["run"], path)
-        self._check_flags(state["step"], path)
-        self._report_config_changes(path)
+        saved_config = read_json(os.path.join(path, CONFIG_NAME))
+        self._check_flags(saved_config, state["step"], path)
+        self._report_config_changes(saved_config, path)
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
         model_sd = get_model_state_dict(self.model, options=TRAINABLE)
         ours, theirs = set(model_sd), {k.removeprefix("model.") for k in saved if k.startswith("model.")}
@@ -409,13 +410,12 @@ class Checkpointer:
                 "would no longer match the data order; restore those settings or start a new --output_dir"
             )
 
-    def _check_flags(self, step: int, path: str) -> None:
+    def _check_flags(self, saved_config: dict, step: int, path: str) -> None:
         """Refuse the flag changes a resume cannot honour, naming the flag and its saved value: the order of an epoch
         under way (--seed, --group_by_modality_length, --longest_first: samples would be trained twice or never) and
         the shapes of the trained state (--lora_r, --mm_projector_type)."""
-        old = read_json(os.path.join(path, CONFIG_NAME))
-        old, new = {k: v for d in old.values() for k, v in d.items()}, self.cfg.to_dict()
-        new = {k: v for d in new.values() for k, v in d.items()}
+        flat = lambda sections: {k: v for d in sections.values() for k, v in d.items()}  # noqa: E731
+        old, new = flat(saved_config), flat(self.cfg.to_dict())
         mid_epoch = step % self.sampler.steps_per_epoch != 0
         order = ("seed", "group_by_modality_length", "longest_first") if mid_epoch else ()
         for flag in (*order, "lora_r", "mm_projector_type"):
@@ -425,8 +425,8 @@ class Checkpointer:
                 raise ValueError(f"cannot resume from {path}: --{flag} {new[flag]} changes {why}; the checkpoint "
                                  f"was trained with --{flag} {old[flag]}: pass that{hint}")  # fmt: skip
 
-    def _report_config_changes(self, path: str) -> None:
-        old, new = read_json(os.path.join(path, CONFIG_NAME)), self.cfg.to_dict()
+    def _report_config_changes(self, old: dict, path: str) -> None:
+        new = self.cfg.to_dict()
         skip = {"output_dir", "resume_from_checkpoint"}
         diffs = [f"{s}.{k}: {v!r} -> {new[s][k]!r}" for s, d in old.items() for k, v in d.items()
                  if k not in skip and new[s].get(k) != v]  # fmt: skip
