@@ -202,6 +202,17 @@ def loop_numbers(micro: list[Batch], flops: FlopModel, stop: StopRequest) -> dic
     return {"flops": sum(map(flops.sample_flops, seq)), "tokens": sum(seq), "stop": float(stop.requested)}
 
 
+class SampleError(ValueError):
+    """A bad sample met in the training loop: only the rank that read it knows, so that rank reports it."""
+
+    @classmethod
+    def of(cls, e: ValueError) -> "SampleError":
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: the error is its last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        return cls(message)
+
+
 def read_window(window: list, seconds: float, global_batch: int, peak: float | None, info: D.DistInfo) -> list:
     """The steps queued since the last read, read from the device in one host sync, with the loop's measures. The
     host ran ahead of the device in between, so the window's wall time is shared evenly by its steps."""
@@ -220,6 +231,59 @@ def read_window(window: list, seconds: float, global_batch: int, peak: float | N
             mfu=row.pop("flops") / dt / (peak * info.world_size) if peak else None,
         )
     return rows
+
+
+class StepWindow:
+    """The steps queued since the last device read (the host runs ahead of the device): read() reads them in one
+    host sync (read_window), checks them (a finite loss; some label token in the first NO_LABEL_STEPS steps), records
+    them, and says whether any rank was asked to stop."""
+
+    def __init__(self, logger: MetricsLogger, global_batch: int, peak: float | None, info: D.DistInfo, start: int,
+                 total_steps: int, why_no_labels: str) -> None:  # fmt: skip
+        self.logger, self.global_batch, self.peak, self.info = logger, global_batch, peak, info
+        self.start, self.done, self.trained_tokens, self.why_no_labels = start, start, 0.0, why_no_labels
+        self.no_label_steps = min(NO_LABEL_STEPS, total_steps - start)
+        self.steps, self.t0 = [], time.perf_counter()
+
+    def add(self, record: StepRecord, lrs: dict, t_data: float, items: list) -> None:
+        self.steps.append((record, lrs, t_data, items))
+
+    def read(self, log: bool) -> bool:
+        """Read, check and record the queued steps (the last one printed if log or stopping); True if a rank was
+        asked to stop."""
+        if not self.steps:
+            return False
+        rows = read_window(self.steps, time.perf_counter() - self.t0, self.global_batch, self.peak, self.info)
+        stopping = any(row.pop("stop") for row in rows)
+        for row in rows:
+            self.done += 1
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss is {row['loss']} at step {self.done}: stopping (check labels, --bf16 "
+                                         "and the learning rate)")  # fmt: skip
+            self.trained_tokens += row["label_tokens"]  # every rank's (the reduction): all ranks agree
+            if self.trained_tokens == 0 and self.done - self.start >= self.no_label_steps:
+                raise ValueError(f"no label token in {self.done - self.start} steps: {self.why_no_labels}")
+            self.logger.record(self.done, row, log=row is rows[-1] and (log or stopping))
+        self.steps, self.t0 = [], time.perf_counter()
+        return stopping
+
+
+def data_failed(error: SampleError | None, ckpt: Checkpointer, step: int, start: int, total_steps: int) -> ValueError:
+    """A rank's data failed before step `step` + 1 (a bad sample, a data file changed in place): every rank learnt
+    it (D.any_rank) before the step's collectives, so together they save checkpoint-<step> (no step is half done)
+    and stop. The failing rank's error says what failed; the others say another rank's data did."""
+    if step > start and not ckpt.due(step):  # due: saved after that step already
+        ckpt.save(step)
+    ckpt.wait()
+    if step > 0:
+        path = os.path.join(ckpt.cfg.train.output_dir, f"checkpoint-{step}")
+        saved = f"saved {path}; once the data is fixed, run the same command with --resume_from_checkpoint auto"
+    else:
+        saved = "nothing was trained, nothing saved"
+    where = f"stopped before step {step + 1} of {total_steps}: {saved}"
+    if error is None:
+        return ValueError(f"another rank's data failed (its error is above); {where}")
+    return SampleError(f"{error}; {where}")
 
 
 def fetch_models(cfg: Config, info: D.DistInfo) -> None:
@@ -243,17 +307,6 @@ def fetch_models(cfg: Config, info: D.DistInfo) -> None:
     for flag, name in names.items():
         local_folder(name, flag)
     check_model_files(cfg)
-
-
-class SampleError(ValueError):
-    """A bad sample met in the training loop: only the rank that read it knows, so that rank reports it."""
-
-    @classmethod
-    def of(cls, e: ValueError) -> "SampleError":
-        message = str(e)
-        if "Original Traceback" in message:  # re-raised from a DataLoader worker: the error is its last line
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        return cls(message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,16 +372,20 @@ def main(argv: list[str] | None = None) -> None:
             run_config=cfg.to_dict(),
         )
         stream = micro_batch_stream(loader, sampler, sampler.epoch, info.device)
-        window, t_window = [], time.perf_counter()  # the steps queued since the last device read
-        trained_tokens, stopping = 0.0, False
+        why = (f"every sample lost its answers (check --model_max_length {t.model_max_length} against the "
+               f"{model.num_image_tokens} positions an image takes, and the skipped samples named above)")  # fmt: skip
+        window = StepWindow(logger, global_batch, peak, info, start, total_steps, why)
         stop.arm()  # from here a Ctrl-C saves a checkpoint after the step (before, it stops at once)
         for step in range(start, total_steps):
             stop.hold_for_test(step + 1)
             t0 = time.perf_counter()
             try:
-                items = [next(stream) for _ in range(ga)]
+                items, failed = [next(stream) for _ in range(ga)], None
             except ValueError as e:
-                raise SampleError.of(e) from e
+                items, failed = [], SampleError.of(e)
+            if D.any_rank(failed is not None):  # before the step's collectives, which a rank without data would hang
+                window.read(log=True)
+                raise data_failed(failed, ckpt, step, start, total_steps)
             micro = [batch for _, batch, _ in items]
             t_data = time.perf_counter() - t0  # the host waiting for the DataLoader
             lrs = group_lrs(optimizer)  # the lrs this step uses (the scheduler moves them on inside train_step)
@@ -336,28 +393,15 @@ def main(argv: list[str] | None = None) -> None:
             # to stop. It is read (one host sync) only on steps that log, save or end the run: in between, the host
             # queues step after step and the device never waits for it.
             extra = functools.partial(loop_numbers, micro, flops, stop)
-            window.append((train_step(model, micro, optimizer, scheduler, cfg, extra), lrs, t_data, items))
+            window.add(train_step(model, micro, optimizer, scheduler, cfg, extra), lrs, t_data, items)
             log = (step + 1) % t.logging_steps == 0 or step == 0
+            stopping = False
             if log or step + 1 == total_steps or ckpt.due(step + 1):
-                rows = read_window(window, time.perf_counter() - t_window, global_batch, peak, info)
-                stopping = any(row.pop("stop") for row in rows)
-                for done, row in enumerate(rows, step + 2 - len(rows)):
-                    if not math.isfinite(row["loss"]):
-                        raise FloatingPointError(f"loss is {row['loss']} at step {done}: stopping (check labels, "
-                                                 "--bf16 and the learning rate)")  # fmt: skip
-                    trained_tokens += row["label_tokens"]  # every rank's (the reduction): all ranks agree
-                    if trained_tokens == 0 and done - start >= min(NO_LABEL_STEPS, total_steps - start):
-                        raise ValueError(
-                            f"no label token in {done - start} steps: every sample lost its answers (check "
-                            f"--model_max_length {t.model_max_length} against the {model.num_image_tokens} "
-                            "positions an image takes, and the skipped samples named above)"
-                        )
-                    logger.record(done, row, log=done == step + 1 and (log or stopping))
-                window, t_window = [], time.perf_counter()
+                stopping = window.read(log)
             if eval_loader and eval_due(cfg, step + 1, sampler.steps_per_epoch, total_steps):
                 logger.record_eval(step + 1, *evaluate(model, eval_loader, info.device))
             saved = ckpt.save_if_due(step + 1)
-            if window or not stopping or step + 1 == total_steps:
+            if not stopping or step + 1 == total_steps:
                 continue
             saved = saved or ckpt.save(step + 1)
             ckpt.wait()  # the checkpoint is written and published before the exit

@@ -142,8 +142,8 @@ class RecordFile(Sequence):
         if self._pid != os.getpid():  # a spawned worker: its own fd, of the same file (pread is positionless)
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         if self._signature(self._fd) != self._version:  # written over in place (cp onto it): the offsets are stale
-            raise ValueError(f"--data_path {self.path}: the file changed while the run was reading it; put the "
-                             "original back, or resume from the last checkpoint with the new file")  # fmt: skip
+            raise ValueError(f"--data_path {self.path}: the file changed while the run was reading it (written "
+                             "over in place); put back the file the run started with")  # fmt: skip
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])  # the record, then a separator
         return _DECODER.raw_decode(os.pread(self._fd, end - start, start).decode())[0]
 

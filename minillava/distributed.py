@@ -54,6 +54,7 @@ def init_distributed(background: bool = False) -> DistInfo:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
     if background:
         background_group()
+    control_group()  # made now, by every rank together (it is the default group on gloo and at 1 rank)
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, owns)
 
 
@@ -68,11 +69,36 @@ def background_group() -> dist.ProcessGroup:
     return _BACKGROUND[0]
 
 
+_CONTROL: list = []  # control_group()'s group, made once
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """The group any_rank's host flags travel on: the default group where it is gloo (CPU runs) or 1 rank, else
+    (NCCL) a gloo group of its own, made once (collective the first time: init_distributed makes it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or "gloo" in str(dist.get_backend()):
+        return None
+    if not _CONTROL:
+        _CONTROL.append(dist.new_group(backend="gloo"))
+    return _CONTROL[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank: one int all-reduced on the host (control_group, gloo), so the device is
+    never waited for. The loop asks it before each step's collectives, which a rank that cannot run the step (its
+    data failed) would otherwise leave every other rank waiting in."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cpu")  # gloo's
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+    return bool(t.item())
+
+
 def cleanup(info: DistInfo) -> None:
-    """Destroy the process group if we created it (and background_group's with it)."""
+    """Destroy the process group if we created it (and background_group's and control_group's with it)."""
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
         _BACKGROUND.clear()
+        _CONTROL.clear()
 
 
 def barrier() -> None:

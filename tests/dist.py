@@ -3,6 +3,7 @@
 Workers return results by writing files under tmp_path (torch.save); passing tensors back through an mp Queue fails
 once the producing process exits (ConnectionRefusedError)."""
 
+import datetime
 import gc
 import os
 from collections.abc import Callable
@@ -13,13 +14,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple, local: int) -> None:
+def _worker(
+    rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: tuple, local: int, timeout_s: float | None
+) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank % local), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(local)
     )
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **timeout)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -30,10 +34,15 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], 
 
 
 def run_distributed(
-    fn: Callable[..., Any], tmp_path, *args: Any, world_size: int = 2, local_world_size: int | None = None
+    fn: Callable[..., Any],
+    tmp_path,
+    *args: Any,
+    world_size: int = 2,
+    local_world_size: int | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     """Call fn(rank, world_size, *args) on `world_size` gloo ranks (as nodes of local_world_size ranks, default all
-    on one); raises if any rank fails."""
+    on one); raises if any rank fails. timeout_s: a collective waiting longer fails (a hang becomes an error)."""
     init_file = os.path.join(str(tmp_path), f"dist_init_{os.getpid()}_{id(fn)}")
     local = local_world_size or world_size
-    mp.spawn(_worker, args=(world_size, init_file, fn, args, local), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, init_file, fn, args, local, timeout_s), nprocs=world_size, join=True)

@@ -12,6 +12,7 @@ import signal
 import pytest
 import torch
 from conftest import flags, losses
+from dist import run_distributed
 
 import train
 from minillava.config import parse_args
@@ -177,6 +178,53 @@ def test_an_uncaught_error_with_dataloader_workers_exits(assets, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(train.__file__), os.path.dirname(__file__)])}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1].count("train.SampleError: sample 11") == 1
+
+
+def _data_fails_on_rank_1(rank, world, argv, out_dir):
+    """train.main where rank 1's data file is seen written over in place after step 2 (its signature moves): rank 0's
+    reads stay good. Each rank writes the error it raised."""
+    from minillava.data import RecordFile
+
+    real, done = train.train_step, []
+
+    def step_then_change(*args, **kwargs):
+        record = real(*args, **kwargs)
+        done.append(1)
+        if rank == 1 and len(done) == 2:
+            RecordFile._signature = staticmethod(lambda fd: (-1, -1, -1))
+        return record
+
+    train.train_step, error = step_then_change, None
+    try:
+        train.main(argv)
+    except ValueError as e:
+        error = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"error_{rank}.json"), "w") as f:
+        json.dump(error, f)
+
+
+@pytest.mark.dist
+def test_a_rank_whose_data_fails_stops_every_rank_with_a_checkpoint(assets, tmp_path):
+    """Rank 1's data file changes in place before step 3 while rank 0's reads succeed. Before, rank 1 raised and rank
+    0 waited in step 3's collectives until the process group timed out (here 120 s), and the steps since the last
+    save were lost. Now the ranks agree before the step: both save checkpoint-2 (the window's unread step 2 is
+    logged first) and stop, rank 1 naming the file, rank 0 pointing at it; the run resumed on 1 rank (the same global
+    batch) gives the uninterrupted run's losses."""
+    common = dict(max_steps=5, save_steps=0, loss_reduction="global_token")
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "o")
+    train.main(flags(assets, ref, per_device_train_batch_size=4, logging_steps=1, **common))
+    argv = flags(assets, out, logging_steps=3, **common)  # step 2 is queued unread when the data fails
+    run_distributed(_data_fails_on_rank_1, tmp_path, argv, str(tmp_path), timeout_s=120)
+    errors = [json.loads((tmp_path / f"error_{rank}.json").read_text()) for rank in (0, 1)]
+    where = f"stopped before step 3 of 5: saved {os.path.join(out, 'checkpoint-2')}; once the data is fixed, run"
+    assert errors[1].startswith(f"SampleError: --data_path {assets['data']}: the file changed while the run was "
+                                "reading it (written over in place)") and where in errors[1], errors[1]  # fmt: skip
+    assert errors[0].startswith("ValueError: another rank's data failed (its error is above); " + where), errors[0]
+    assert [n for n in os.listdir(out) if n.startswith("checkpoint")] == ["checkpoint-2"]
+    torch.testing.assert_close(losses(out), losses(ref)[:2], rtol=1e-5, atol=1e-5)  # step 2 was read and logged
+    train.main(flags(assets, out, per_device_train_batch_size=4, logging_steps=1, resume_from_checkpoint="auto",
+                     **common))  # fmt: skip
+    torch.testing.assert_close(losses(out), losses(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_a_full_disk_is_one_line_other_os_errors_keep_their_traceback(monkeypatch, capsys):
