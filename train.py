@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from minillava import distributed as D
+from minillava.atomic import DISK_FULL
 from minillava.checkpoint import Checkpointer
 from minillava.config import Config, ConfigWarning, format_config, one_line_config_warnings, parse_args, save_config
 from minillava.data import (
@@ -38,30 +39,17 @@ from minillava.data import (
     load_tokenizer,
     longest_samples,
 )
-from minillava.formats import (
-    check_model_files,
-    check_paths,
-    download,
-    local_folder,
-    model_names,
-    run_configs,
-    run_manifest,
-)
+from minillava.formats.hub import download, local_folder
+from minillava.formats.manifest import run_manifest
+from minillava.formats.run import check_model_files, check_paths, model_names, run_configs
 from minillava.layout import Batch, LayoutCollator
 from minillava.metrics import FlopModel, MetricsLogger, StepRecord, device_peak_flops, duration, peak_memory_gb
 from minillava.model import image_tokens
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.outputs import (
-    DISK_FULL,
-    check_output_dir,
-    clear_output_dir,
-    lock_output_dir,
-    new_dirs,
-    next_steps,
-    save_final,
-    unclaim_output_dir,
-)
+from minillava.output_dir import check_output_dir, clear_output_dir, lock_output_dir, new_dirs, unclaim_output_dir
+from minillava.outputs import next_steps, save_final
 from minillava.preemption import Preempted, StopRequest, ignore_stop_signals
+from minillava.resume import resume
 from minillava.sampler import DistributedModalityLengthSampler, eval_batches
 from minillava.step import build_model, evaluate, train_step
 
@@ -288,8 +276,8 @@ def data_failed(error: SampleError | None, ckpt: Checkpointer, step: int, start:
 
 def fetch_models(cfg: Config, info: D.DistInfo) -> None:
     """Model flags given as hub ids (lmsys/vicuna-7b-v1.5, as LLaVA's scripts pass them): each node's first rank
-    downloads what the node's hub cache lacks (formats.download; nothing when HF_HUB_OFFLINE=1) while the other ranks
-    wait, then every rank finds them there and runs the start-up checks that read them (formats.check_model_files).
+    downloads what the node's hub cache lacks (formats/hub.py; nothing when HF_HUB_OFFLINE=1) while the other ranks
+    wait, then every rank finds them there and runs the start-up checks that read them (formats.run.check_model_files).
     Local folders need none of this (check_paths checked them)."""
     names = model_names(cfg)
     if not names:
@@ -347,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype = torch.bfloat16 if t.bf16 else torch.float32  # of the saved weights (LLaVA's: the training dtype)
         manifest = run_manifest(cfg, tokenizer) if info.is_main else None  # saved with checkpoints and outputs
         ckpt = Checkpointer(cfg, model, optimizer, scheduler, sampler, len(loader.dataset), dtype, manifest)
-        start = ckpt.resume()  # 0 unless --resume_from_checkpoint finds a checkpoint
+        start = resume(ckpt)  # 0 unless --resume_from_checkpoint finds a checkpoint
         global_batch = t.per_device_train_batch_size * ga * info.world_size
         D.print0(
             f"world {info.world_size} | global batch {global_batch} | {len(loader.dataset)} samples | "
@@ -466,7 +454,7 @@ def cli(argv: list[str]) -> int:
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
-        report(f"error: {e}", first)  # the save's own one-line message (minillava/outputs.py removed_on_error)
+        report(f"error: {e}", first)  # the save's own one-line message (minillava/atomic.py removed_on_error)
         return 1
     return 0
 

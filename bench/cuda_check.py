@@ -22,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from minillava.atomic import complete_checkpoints  # noqa: E402
 from minillava.demo import STAGE1_FLAGS, STAGE2_FLAGS, make_demo_assets  # noqa: E402
-from minillava.outputs import complete_checkpoints  # noqa: E402
 
 OUTPUTS = {1: "mm_projector.bin", 2: "model.safetensors.index.json"}
 SAVE_STEPS = 2  # mid-run checkpoints, written in the background as a user's run writes them

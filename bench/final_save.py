@@ -8,7 +8,7 @@ decoder layer and at the root, as minillava.distributed.apply_fsdp does. Then me
 repeat runs every variant once, in turn, after one warm-up round; medians reported):
   old:  the save before streaming, kept below as old_save_shards (reference only): per-tensor fp32
         DTensor.full_tensor() all-gathers, rank 0 casts and holds a whole shard, safetensors' save_file writes it;
-  new:  minillava.outputs.save_shards, at each --buckets size (MiB): every rank casts and writes its own rows;
+  new:  minillava.gather.save_shards, at each --buckets size (MiB): every rank casts and writes its own rows;
   save_pretrained: transformers' save_pretrained of the same weights, already bf16, in one process (rank 0 while
         rank 1 waits), with the same max_shard_size: the reference the ratios are to;
   save_pretrained from fp32: the same from an fp32 copy, cast to bf16 in the save (state_dict=...), for scale:
@@ -49,8 +49,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from minillava.atomic import write_json
 from minillava.formats import shard_name, to_llava_key
-from minillava.outputs import full_tensors, save_shards, write_json
+from minillava.gather import full_tensors, save_shards
 
 DTYPE = torch.bfloat16
 

@@ -30,7 +30,8 @@ from minillava.data import (
     process_image,
     word_count,
 )
-from minillava.formats import fetch, folder_tower_config
+from minillava.formats.folders import folder_tower_config
+from minillava.formats.hub import fetch
 from minillava.layout import supervised_tokens
 from minillava.model import image_tokens
 

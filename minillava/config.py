@@ -296,7 +296,8 @@ class Config:
                              "--evaluation_strategy steps or epoch, and those need --eval_data_path")  # fmt: skip
         if v["lora_enable"] and v["tune_mm_mlp_adapter"]:
             raise ValueError("--lora_enable True adapts the LLM (stage 2): drop --tune_mm_mlp_adapter")
-        # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats.check_model_files.
+        # The stage-2 "adapter or --init_projector random" rule reads --model_name_or_path: formats/run.py
+        # check_model_files.
         adapter, init = v["pretrain_mm_mlp_adapter"], v["init_projector"]
         if init == "random" and adapter is not None:
             raise ValueError("--init_projector random contradicts --pretrain_mm_mlp_adapter; give one of them")

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from minillava.backbones import TOWER_TYPES, image_processor, pad_token, processor_size
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.conversation import TokenizationMismatch, Tokenizer, get_template, preprocess
-from minillava.formats import read_records_cache, records_cache_dir, write_records_cache
+from minillava.formats.records import read_records_cache, records_cache_dir, write_records_cache
 from minillava.layout import supervised_tokens
 from minillava.sampler import PAD_SAMPLE
 
@@ -245,7 +245,7 @@ def _index_file(data_path: str) -> tuple[Any, Any]:
 def load_records(data_path: str) -> RecordFile:
     """The data file's records (a JSON list, as LLaVA's json.load at train.py L664; JSON Lines for a .jsonl, as
     LLaVA-NeXT's), from the records cache: built on first use by one process per machine (the others wait on a file
-    lock), reused by every later run, rank, worker and check_data until the file changes (formats.records_cache_dir).
+    lock), reused by every later run, rank, worker and check_data until the file changes (formats/records.py).
     The cache can never stop a run: a damaged entry is rebuilt, and where it cannot be written (a read-only home, a
     quota) the index is built in memory, with a note naming the cache folder."""
     try:

@@ -8,7 +8,7 @@
 writes a LLaVA stage-2 folder, which generate, training and the llava-hf export read.
 
 Each folder may be a hub id instead (lmsys/vicuna-7b-v1.5, openai/clip-vit-large-patch14-336, and a checkpoint's
-mm_vision_tower): read from the hub cache, downloaded into it first unless HF_HUB_OFFLINE=1 (formats.fetch).
+mm_vision_tower): read from the hub cache, downloaded into it first unless HF_HUB_OFFLINE=1 (formats.hub.fetch).
 
 Every LLM family and tower minillava trains (Llama, Mistral, Qwen2, Qwen3; CLIP, SigLIP) exports; --version is the
 run's template, written as the processor's chat template.
@@ -32,20 +32,12 @@ from minillava.backbones import image_processor, tower_family
 from minillava.cli import run_tool
 from minillava.conversation import get_template
 from minillava.data import load_tokenizer
-from minillava.formats import (
-    EMBEDDINGS,
-    build_hf_model,
-    checkpoint_kind,
-    fetch,
-    fetch_checkpoint,
-    folder_tower_config,
-    hf_config,
-    load_llava_checkpoint_state,
-    merged_lora_state,
-    pretrained_state_dict,
-    projector_state,
-    read_settings,
-)
+from minillava.formats.folders import checkpoint_kind, folder_tower_config, pretrained_state_dict
+from minillava.formats.hub import fetch
+from minillava.formats.llava import fetch_checkpoint, load_llava_checkpoint_state, read_settings
+from minillava.formats.llava_hf import EMBEDDINGS, build_hf_model, hf_config
+from minillava.formats.lora_outputs import merged_lora_state
+from minillava.formats.projector import projector_state
 from minillava.model import LlavaSettings
 from minillava.outputs import save_stage2_folder
 

@@ -21,7 +21,8 @@ from transformers import DynamicCache
 from minillava.cli import run_tool
 from minillava.conversation import build_inference_prompt, tokenizer_image_token
 from minillava.data import load_image_processor, load_tokenizer, open_image, process_image
-from minillava.formats import checkpoint_kind, clip_folder, fetch_checkpoint, load_llava_checkpoint_state, read_settings
+from minillava.formats.folders import checkpoint_kind
+from minillava.formats.llava import clip_folder, fetch_checkpoint, load_llava_checkpoint_state, read_settings
 from minillava.model import LlavaModel, LlavaSettings, build_llava_from_config
 
 

@@ -34,7 +34,8 @@ from minillava.cli import run_tool
 from minillava.config import Config, parse_args
 from minillava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillava.data import load_records, load_tokenizer, longest_samples
-from minillava.formats import local_folder, run_configs
+from minillava.formats.hub import local_folder
+from minillava.formats.run import run_configs
 from minillava.layout import Batch, lay_out
 from minillava.memory import BUDGET, micro_batch_tokens
 from minillava.metrics import PEAK_BF16_FLOPS

@@ -6,7 +6,8 @@ import torch
 
 from minillava import distributed as D
 from minillava.config import Config
-from minillava.formats import initial_state, run_configs, run_settings
+from minillava.formats.llava import run_settings
+from minillava.formats.run import initial_state, run_configs
 from minillava.layout import Batch
 from minillava.lora import add_lora, initial_lora_state
 from minillava.memory import CheckpointPlan, device_memory, plan_checkpointing
@@ -156,7 +157,7 @@ def build_model(
 ) -> tuple[LlavaModel, FlopModel]:
     """sharded_model -> weights streamed from rank 0 (every rank keeps its shards).
 
-    configs: (llm_config, vision_config), default the flags' folders (formats.run_configs). random_weights_seed:
+    configs: (llm_config, vision_config), default the flags' folders (formats.run.run_configs). random_weights_seed:
     read no weights, materialise seeded random ones (bench/bench.py)."""
     llm_config, vision_config = configs = configs or run_configs(cfg)
     model, flops, _ = sharded_model(cfg, info, configs, lengths=lengths, checkpoint_layers=checkpoint_layers)

@@ -59,8 +59,8 @@ def test_tied_family_loads_and_trains_under_fsdp(assets, tmp_path, family):
     from safetensors.torch import load_file
 
     from minillava import distributed as D
+    from minillava.gather import full_tensors
     from minillava.optim import build_optimizer
-    from minillava.outputs import full_tensors
     from minillava.step import build_model, train_step
 
     folder = _family_folder(assets, str(tmp_path), family)

@@ -19,14 +19,16 @@ from safetensors.torch import load_file
 
 import train
 from minillava import distributed as D
-from minillava.checkpoint import CRASH_HOOK, MARKER, Checkpointer, complete_checkpoints, find_checkpoint
+from minillava.atomic import MARKER, complete_checkpoints
+from minillava.checkpoint import CRASH_HOOK, Checkpointer
 from minillava.config import parse_args
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
 from minillava.formats import load_mm_projector, read_settings, to_llava_key
+from minillava.gather import full_tensors
 from minillava.model import build_llava_from_config
 from minillava.optim import build_optimizer
-from minillava.outputs import full_tensors
 from minillava.preemption import HOLD_HOOK
+from minillava.resume import find_checkpoint, resume
 from minillava.sampler import DistributedModalityLengthSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -405,7 +407,7 @@ def test_resume_when_some_params_have_no_optimizer_state(data, tmp_path):
         for start in (0, 1):
             cfg.train.resume_from_checkpoint = os.path.join(out, f"checkpoint-{start}")
             model, optimizer, scheduler, ckpt = _build(cfg, info)
-            assert ckpt.resume() == start
+            assert resume(ckpt) == start
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             has_state = {n for n, p in model.named_parameters() if p in optimizer.state}
             assert has_state == (set() if start == 0 else trainable - {unused})
@@ -443,7 +445,7 @@ def test_a_save_is_written_while_training_goes_on(data, tmp_path, monkeypatch, b
         assert complete_checkpoints(out) == [(1, path)]
         cfg.train.resume_from_checkpoint = path
         model, optimizer, scheduler, ckpt = _build(cfg, info)
-        assert ckpt.resume() == 1
+        assert resume(ckpt) == 1
         for k, v in full_tensors(model):
             assert torch.equal(v, saved[k]), k
     finally:

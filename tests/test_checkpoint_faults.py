@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint import CheckpointException
 
 import train
-from minillava.checkpoint import checkpoint_problem
-from minillava.outputs import LOCK_NAME, lock_file, lock_output_dir, removed_on_error
+from minillava.atomic import removed_on_error
+from minillava.output_dir import LOCK_NAME, lock_file, lock_output_dir
+from minillava.resume import checkpoint_problem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(max_steps=3, save_steps=1, save_total_limit=5)
@@ -100,7 +101,7 @@ def test_damage_only_dcp_load_sees_is_a_value_error_naming_the_checkpoint(assets
 
 
 HOLD = """import sys, time
-from minillava.outputs import lock_file
+from minillava.output_dir import lock_file
 lock = lock_file(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)"""

@@ -17,9 +17,9 @@ import train
 from minillava import distributed as D
 from minillava.config import parse_args
 from minillava.formats import run_settings
+from minillava.gather import full_tensors
 from minillava.model import build_llava_from_config, set_trainable
 from minillava.optim import build_optimizer
-from minillava.outputs import full_tensors
 
 MAX_NORM = 1e-6
 

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from minillava.formats import SAFETENSORS_DTYPES, safetensors_header, shard_name, to_llava_key
-from minillava.outputs import _buckets, chunk_rows, gather_layout, save_shards, tensor_pieces
+from minillava.gather import _buckets, chunk_rows, gather_layout, save_shards, tensor_pieces
 
 
 def _random(shape, dtype, gen):

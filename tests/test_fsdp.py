@@ -15,7 +15,7 @@ import train
 from minillava import distributed as D
 from minillava.config import parse_args
 from minillava.formats import pretrained_state_dict
-from minillava.outputs import full_tensors
+from minillava.gather import full_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -175,8 +175,8 @@ def test_the_first_rank_of_a_node_downloads_and_the_others_read_the_cache(assets
             raise LocalEntryNotFoundError("An error happened\nwhile trying to locate the files")
         return cache_repo(cache, repo_id, assets["llm"] if repo_id == LLM else assets["clip"])
 
-    monkeypatch.setattr(formats, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(formats, "list_repo_files", lambda repo_id: ["model.safetensors", "tf_model.h5", "x.bin"])
+    monkeypatch.setattr(formats.hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(formats.hub, "list_repo_files", lambda repo_id: ["model.safetensors", "tf_model.h5", "x.bin"])
     cfg = parse_args(flags(assets, str(tmp_path / "o"), model_name_or_path=LLM, vision_tower=CLIP))
     formats.check_paths(cfg)  # online: a hub id not cached yet passes, to be downloaded
     with pytest.raises(ValueError, match=f"^--model_name_or_path {LLM}: does not exist .*`hf download {LLM}`"):
@@ -209,8 +209,8 @@ def _fetch_on_rank(rank: int, world_size: int, caches: list[str], assets: dict, 
         open(os.path.join(log, f"download-{rank}-{repo_id.replace('/', '--')}"), "w").close()
         return cache_repo(cache, repo_id, assets["llm"] if repo_id == LLM else assets["clip"])
 
-    mp.setattr(formats, "snapshot_download", snapshot_download)
-    mp.setattr(formats, "list_repo_files", lambda repo_id: ["model.safetensors"])
+    mp.setattr(formats.hub, "snapshot_download", snapshot_download)
+    mp.setattr(formats.hub, "list_repo_files", lambda repo_id: ["model.safetensors"])
     cfg = parse_args(flags(assets, os.path.join(log, "o"), model_name_or_path=LLM, vision_tower=CLIP))
     formats.check_paths(cfg)
     train.fetch_models(cfg, DistInfo(rank, local_rank, world_size, None, False))

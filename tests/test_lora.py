@@ -13,7 +13,7 @@ from dist import run_distributed
 import train
 from minillava import distributed as D
 from minillava.config import parse_args
-from minillava.outputs import full_tensors
+from minillava.gather import full_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_SH = os.path.join(ROOT, "configs", "llava_v15_7b_lora.sh")

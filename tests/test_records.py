@@ -103,7 +103,7 @@ def test_the_data_hash_is_read_once_per_file_version(tmp_path, monkeypatch):
     path.write_text(json.dumps(RECORDS))
     first = formats.data_sha256(str(path))
     assert first == hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.setattr(formats, "file_sha256", lambda p: pytest.fail("hashed the data again"))
+    monkeypatch.setattr(formats.records, "file_sha256", lambda p: pytest.fail("hashed the data again"))
     assert formats.data_sha256(str(path)) == first
     monkeypatch.undo()
     path.write_text(json.dumps(RECORDS[:2]))
