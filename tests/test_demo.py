@@ -289,6 +289,7 @@ def test_main_writes_assets_and_prints_the_commands(tmp_path, capsys):
     assert len(_load(os.path.join(out, "data", "eval.json"))) == 6
 
 
+@pytest.mark.e2e
 @pytest.mark.dist
 def test_readme_demo_learns_colours(tmp_path):
     """The README's demo command end to end (2-rank torchrun, stage 1 then stage 2, from nothing): the model must

@@ -40,6 +40,7 @@ def test_a_spent_budget_skips_the_remaining_lines(tmp_path):
     assert {s["reason"] for s in steps.values()} == {"budget spent"}
 
 
+@pytest.mark.e2e
 def test_dry_run_runs_every_line_and_writes_every_record(tmp_path):
     out = tmp_path / "bench_out"
     steps = _dry_run(out, BUDGET_S="3600")  # a loaded machine may take long: time belongs to the GPU run
