@@ -21,7 +21,6 @@ import math
 import os
 import random
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader
 from minillava import distributed as D
 from minillava.atomic import DISK_FULL
 from minillava.checkpoint import Checkpointer
-from minillava.config import Config, ConfigWarning, format_config, one_line_config_warnings, parse_args, save_config
+from minillava.config import Config, format_config, read_flags, save_config
 from minillava.data import (
     DataCollator,
     EvalSamples,
@@ -39,14 +38,12 @@ from minillava.data import (
     load_tokenizer,
     longest_samples,
 )
-from minillava.formats.hub import download, local_folder
 from minillava.formats.manifest import run_manifest
-from minillava.formats.run import check_model_files, check_paths, model_names, run_configs
+from minillava.formats.run import prepare_models
 from minillava.layout import Batch, LayoutCollator
 from minillava.metrics import FlopModel, MetricsLogger, StepRecord, device_peak_flops, duration, peak_memory_gb
-from minillava.model import image_tokens
 from minillava.optim import build_optimizer, group_lrs, num_training_steps
-from minillava.output_dir import check_output_dir, clear_output_dir, lock_output_dir, new_dirs, unclaim_output_dir
+from minillava.output_dir import OutputDirClaim, clear_output_dir
 from minillava.outputs import next_steps, save_final
 from minillava.preemption import Preempted, StopRequest, ignore_stop_signals
 from minillava.resume import resume
@@ -287,57 +284,27 @@ def data_failed(error: SampleError | None, ckpt: Checkpointer, step: int, start:
     return SampleError(f"{error}; {where}")
 
 
-def fetch_models(cfg: Config, info: D.DistInfo) -> None:
-    """Model flags given as hub ids (lmsys/vicuna-7b-v1.5, as LLaVA's scripts pass them): each node's first rank
-    downloads what the node's hub cache lacks (formats/hub.py; nothing when HF_HUB_OFFLINE=1) while the other ranks
-    wait, then every rank finds them there and runs the start-up checks that read them (formats.run.check_model_files).
-    Local folders need none of this (check_paths checked them)."""
-    names = model_names(cfg)
-    if not names:
-        return
-    failed = None
-    if info.local_rank == 0:
-        try:
-            for flag, name in names.items():
-                download(name, flag)
-        except Exception as e:  # raised after the barrier: the waiting ranks must not hang
-            failed = e
-    D.barrier()
-    if failed is not None:
-        raise failed
-    for flag, name in names.items():
-        local_folder(name, flag)
-    check_model_files(cfg)
-
-
 def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
-    if os.environ.get("RANK", "0") != "0":  # flag warnings once, from rank 0
-        warnings.filterwarnings("ignore", category=ConfigWarning)
-    one_line_config_warnings()
-    cfg = parse_args(argv)
-    check_paths(cfg)  # the start-up checks that read the disk (parse_args reads nothing)
+    cfg = read_flags(argv)
     info = D.init_distributed(background=cfg.train.async_save)  # async checkpoints: D.background_group
     stop = StopRequest(watch_agent="TORCHELASTIC_RUN_ID" in os.environ)  # SIGTERM / Ctrl-C / dead torchrun: save, stop
     t = cfg.train
-    logger = lock = ckpt = stream = None
-    made, started = new_dirs(t.output_dir), False  # a run that fails its start-up leaves no --output_dir behind
+    logger = claim = ckpt = stream = None
+    started = False  # a run that fails its start-up leaves no --output_dir behind (claim.release)
     try:
-        fetch_models(cfg, info)  # hub ids: downloaded once per node, before anything is written to --output_dir
-        lock = lock_output_dir(t.output_dir)  # one run per --output_dir, claimed before anything is written there
-        check_output_dir(cfg)  # an earlier run there: --resume_from_checkpoint or --overwrite_output_dir
+        models = prepare_models(cfg, info.local_rank, D.barrier)  # checks, hub downloads (once per node), configs
+        claim = OutputDirClaim(cfg, info.is_main)  # one run per --output_dir, claimed before anything is written there
         seed_everything(t.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
-        D.print0(format_config(cfg))
-        m = cfg.model  # its flags keep the names given (a hub id is recorded as such); files come from local folders
-        tokenizer = load_tokenizer(local_folder(m.model_name_or_path, "--model_name_or_path"), t.model_max_length)
-        image_processor = load_image_processor(local_folder(m.vision_tower, "--vision_tower"))
-        configs = run_configs(cfg)
-        n_image = image_tokens(configs[1], m.mm_vision_select_feature)
-        dataset = build_dataset(cfg, tokenizer, image_processor, n_image)
-        held_out = cfg.data.eval_data_path and build_dataset(cfg, tokenizer, image_processor, n_image,
+        if info.is_main:
+            print(format_config(cfg), flush=True)
+        tokenizer = load_tokenizer(models.llm, t.model_max_length)  # model flags keep the names given (a hub id is
+        image_processor = load_image_processor(models.tower)  # recorded as such); files come from local folders
+        dataset = build_dataset(cfg, tokenizer, image_processor, models.image_tokens)
+        held_out = cfg.data.eval_data_path and build_dataset(cfg, tokenizer, image_processor, models.image_tokens,
                                                              cfg.data.eval_data_path)  # fmt: skip
-        model, flops = build_model(cfg, info, configs, lengths=largest_micro_batch(cfg, dataset))
+        model, flops = build_model(cfg, info, models.configs, lengths=largest_micro_batch(cfg, dataset))
         loader, sampler = build_loader(cfg, tokenizer, image_processor, info, model.num_image_tokens, dataset)
         eval_loader = held_out and build_eval_loader(cfg, held_out, info)
         ga = t.gradient_accumulation_steps
@@ -422,10 +389,8 @@ def main(argv: list[str] | None = None) -> None:
             logger.close()  # ends the progress bar before any error is printed
         if ckpt is not None:
             ckpt.close()  # after an error: lets a checkpoint being written finish (no collective)
-        if info.is_main and not started:
-            unclaim_output_dir(lock, t.output_dir, made)  # the lock file and the folders this run made
-        elif lock is not None:
-            lock.close()  # releases the lock (a killed run's lock goes with its process)
+        if claim is not None:
+            claim.release(started)
         stop.close()
         D.cleanup(info)
         # The model, optimizer and process groups sit in reference cycles (FSDP2's hooks): free them now, in this

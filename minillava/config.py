@@ -458,6 +458,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(model=ModelArgs(**model), data=DataArgs(**data), train=TrainArgs(**train))
 
 
+def read_flags(argv: list[str] | None = None) -> Config:
+    """train.py's flags: parse_args, with its warnings as one line each (one_line_config_warnings), shown by the
+    first rank only (torchrun's RANK)."""
+    if os.environ.get("RANK", "0") != "0":
+        warnings.filterwarnings("ignore", category=ConfigWarning)
+    one_line_config_warnings()
+    return parse_args(argv)
+
+
 def format_config(cfg: Config) -> str:
     """The run's flags that differ from LLaVA's script for its --stage (pretrain.sh / finetune.sh: the preset over the
     defaults; no --stage: the defaults), one `--flag value (script: x)` line each, for printing once on rank 0; the

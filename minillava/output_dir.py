@@ -121,3 +121,26 @@ def unclaim_output_dir(lock, output_dir: str, made: list[str]) -> None:
             os.rmdir(path)  # refuses a folder that holds anything
         except OSError:
             break
+
+
+class OutputDirClaim:
+    """Collective, at start-up: claim --output_dir for this run, before anything is written there: the lock
+    (lock_output_dir), then the earlier-run check (check_output_dir), remembering the folders the claim made. A
+    claim that fails leaves the folder as it found it. release(started) at the run's end, also after an error: a run
+    that stopped in its start-up leaves it as it found it (rank 0, unclaim_output_dir); otherwise the lock goes."""
+
+    def __init__(self, cfg, is_main: bool) -> None:
+        self.output_dir, self.is_main, self.lock = cfg.train.output_dir, is_main, None
+        self.made = new_dirs(self.output_dir)  # what the lock's makedirs creates
+        try:
+            self.lock = lock_output_dir(self.output_dir)
+            check_output_dir(cfg)
+        except BaseException:
+            self.release(started=False)
+            raise
+
+    def release(self, started: bool) -> None:
+        if self.is_main and not started:
+            unclaim_output_dir(self.lock, self.output_dir, self.made)  # the lock file and the folders this run made
+        elif self.lock is not None:
+            self.lock.close()  # releases the lock (a killed run's lock goes with its process)

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import train
 from minillava import check_data, export, formats, generate
+from minillava import distributed as D
 from minillava.config import CONFIG_NAME, parse_args
 from minillava.data import load_image_processor
-from minillava.distributed import DistInfo
 
 LLM, CLIP = "lmsys/vicuna-tiny", "openai/clip-tiny"  # hub ids of the assets' tiny folders
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -180,11 +180,11 @@ def test_the_first_rank_of_a_node_downloads_and_the_others_read_the_cache(assets
     cfg = parse_args(flags(assets, str(tmp_path / "o"), model_name_or_path=LLM, vision_tower=CLIP))
     formats.check_paths(cfg)  # online: a hub id not cached yet passes, to be downloaded
     with pytest.raises(ValueError, match=f"^--model_name_or_path {LLM}: does not exist .*`hf download {LLM}`"):
-        train.fetch_models(cfg, DistInfo(1, 1, 2, None, False))  # a rank that waits: reads the cache only
+        formats.run.fetch_models(cfg, local_rank=1)  # a rank that waits: reads the cache only
     assert calls == []
-    train.fetch_models(cfg, DistInfo(0, 0, 1, None, False))
+    formats.run.fetch_models(cfg, local_rank=0)
     assert [repo for repo, _ in calls] == [LLM, CLIP] and {"*.h5", "*.msgpack", "pytorch_model*"} <= set(calls[0][1])
-    train.fetch_models(cfg, DistInfo(0, 0, 1, None, False))  # cached now, with all its weights: no call
+    formats.run.fetch_models(cfg, local_rank=0)  # cached now, with all its weights: no call
     assert len(calls) == 2 and formats.local_folder(LLM, "--model_name_or_path").startswith(cache)
     out = str(tmp_path / "o2")
     assert train.cli(flags(assets, out, vision_tower="org/missing")) == 1
@@ -196,7 +196,7 @@ def test_the_first_rank_of_a_node_downloads_and_the_others_read_the_cache(assets
 
 def _fetch_on_rank(rank: int, world_size: int, caches: list[str], assets: dict, log: str) -> None:
     """One rank of test_one_download_per_node: hub ids, downloads on (a slow fake snapshot_download into this
-    node's cache), then train.fetch_models; logs who downloaded and what every rank resolved."""
+    node's cache), then formats.run.fetch_models; logs who downloaded and what every rank resolved."""
     import time
 
     node, local_rank = rank // int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -213,7 +213,7 @@ def _fetch_on_rank(rank: int, world_size: int, caches: list[str], assets: dict, 
     mp.setattr(formats.hub, "list_repo_files", lambda repo_id: ["model.safetensors"])
     cfg = parse_args(flags(assets, os.path.join(log, "o"), model_name_or_path=LLM, vision_tower=CLIP))
     formats.check_paths(cfg)
-    train.fetch_models(cfg, DistInfo(rank, local_rank, world_size, None, False))
+    formats.run.fetch_models(cfg, local_rank, D.barrier)
     with open(os.path.join(log, f"resolved-{rank}"), "w") as f:
         f.write(formats.local_folder(CLIP, "--vision_tower"))
 

@@ -1,6 +1,6 @@
 """Hugging Face Hub ids given for a model flag (lmsys/vicuna-7b-v1.5, as LLaVA's scripts pass them): read from the hub
 cache as transformers' from_pretrained resolves a name (local_folder), downloaded once per node when downloads are
-on (download; train.fetch_models)."""
+on (download; formats/run.py fetch_models)."""
 
 import os
 
@@ -31,7 +31,8 @@ def _cached(repo_id: str) -> str | None:
 
 def local_folder(name: str, flag: str) -> str:
     """The folder to read for a model flag as given: a local folder is itself; a hub repo id is its snapshot in the
-    hub cache (nothing is downloaded here: download, train.fetch_models). ValueError naming the flag otherwise."""
+    hub cache (nothing is downloaded here: download, formats/run.py fetch_models). ValueError naming the flag
+    otherwise."""
     if os.path.isdir(name):
         return name
     if os.path.exists(name) or not is_repo_id(name):
@@ -50,7 +51,7 @@ def download(name: str, flag: str) -> None:
     """Put hub id `name` into the hub cache unless it is a local folder, its snapshot there has all its weights, or
     downloads are off (HF_HUB_OFFLINE=1): huggingface_hub's snapshot_download of what the readers use (configs,
     tokenizer, processor, one copy of the weights: safetensors when the repo has them). ValueError naming the flag if
-    the hub refuses or cannot be reached. Call it on one process per node (train.fetch_models)."""
+    the hub refuses or cannot be reached. Call it on one process per node (formats/run.py fetch_models)."""
     if os.path.isdir(name) or not is_repo_id(name) or constants.HF_HUB_OFFLINE:
         return
     if (folder := _cached(name)) and (files := weight_files(folder)) and all(map(os.path.isfile, files)):

@@ -1,10 +1,12 @@
 """A run's start, from its flags: the checks that read the disk before anything is loaded (check_paths,
-check_model_files), the model configs (run_configs) and rank 0's full initial weights (initial_state), from
-pretrained LLM and tower folders, or from a stage-2 folder given as --model_name_or_path."""
+check_model_files), hub ids downloaded once per node (fetch_models), the model configs (run_configs; prepare_models
+does all of these in order) and rank 0's full initial weights (initial_state), from pretrained LLM and tower
+folders, or from a stage-2 folder given as --model_name_or_path."""
 
 import importlib.util
 import os
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 from huggingface_hub import constants
@@ -13,10 +15,10 @@ from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig
 
 from minillava.backbones import llm_family, tower_family
 from minillava.formats.folders import checkpoint_kind, folder_config, folder_tower_config, pretrained_state_dict
-from minillava.formats.hub import is_repo_id, local_folder
+from minillava.formats.hub import download, is_repo_id, local_folder
 from minillava.formats.llava import llava_checkpoint_configs, load_llava_checkpoint_state, read_settings, run_settings
 from minillava.formats.projector import projector_holder, projector_state, read_mm_projector
-from minillava.model import LlavaSettings
+from minillava.model import LlavaSettings, image_tokens
 
 
 def model_names(cfg) -> dict[str, str]:
@@ -29,7 +31,7 @@ def check_paths(cfg) -> None:
     """Start-up checks that read the disk (config.py validates without it), before any model is loaded and before
     --output_dir is created: the package --report_to needs is installed, every path exists (a model flag: a local
     folder, a hub id in the hub cache, or one to download when downloads are on), then, when both model flags are
-    local folders, check_model_files (otherwise train.fetch_models runs it once the hub ids are in the cache);
+    local folders, check_model_files (otherwise fetch_models runs it once the hub ids are in the cache);
     ValueError naming the flag."""
     d, t = cfg.data, cfg.train
     if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:  # imported later, by metrics.py
@@ -52,6 +54,51 @@ def check_paths(cfg) -> None:
         raise ValueError("--lora_enable True writes peft's adapter format: pip install 'minillava[lora]' (peft)")
     if not model_names(cfg):
         check_model_files(cfg)
+
+
+def fetch_models(cfg, local_rank: int, barrier: Callable[[], None] = lambda: None) -> None:
+    """Model flags given as hub ids (lmsys/vicuna-7b-v1.5, as LLaVA's scripts pass them): each node's first rank
+    (local_rank 0) downloads what the node's hub cache lacks (formats/hub.py; nothing when HF_HUB_OFFLINE=1) while
+    the other ranks wait (barrier: the process group's), then every rank finds them there and runs the start-up checks
+    that read them (check_model_files). Local folders need none of this (check_paths checked them)."""
+    names = model_names(cfg)
+    if not names:
+        return
+    failed = None
+    if local_rank == 0:
+        try:
+            for flag, name in names.items():
+                download(name, flag)
+        except Exception as e:  # raised after the barrier: the waiting ranks must not hang
+            failed = e
+    barrier()
+    if failed is not None:
+        raise failed
+    for flag, name in names.items():
+        local_folder(name, flag)
+    check_model_files(cfg)
+
+
+@dataclass(frozen=True)
+class RunModels:
+    """What a run reads its models from: the local folders of its model flags and their configs."""
+
+    llm: str  # --model_name_or_path's local folder (a hub id's snapshot in the hub cache)
+    tower: str  # --vision_tower's
+    configs: tuple  # (llm_config, vision_config): run_configs
+    image_tokens: int  # the LLM positions one image takes (model.image_tokens)
+
+
+def prepare_models(cfg, local_rank: int, barrier: Callable[[], None] = lambda: None) -> RunModels:
+    """Every rank, at start-up: the disk checks (check_paths), hub ids into the hub cache once per node
+    (fetch_models), then the local folders and configs the run reads its models from. ValueError naming the flag."""
+    check_paths(cfg)
+    fetch_models(cfg, local_rank, barrier)
+    m = cfg.model
+    configs = run_configs(cfg)
+    return RunModels(llm=local_folder(m.model_name_or_path, "--model_name_or_path"),
+                     tower=local_folder(m.vision_tower, "--vision_tower"), configs=configs,
+                     image_tokens=image_tokens(configs[1], m.mm_vision_select_feature))  # fmt: skip
 
 
 def check_model_files(cfg) -> None:
