@@ -71,6 +71,7 @@ def build_dataset(cfg: Config, tokenizer, image_processor, num_image_tokens: int
         image_aspect_ratio=d.image_aspect_ratio,
         model_max_length=cfg.train.model_max_length,
         image_tokens=num_image_tokens,
+        data_flag="--eval_data_path" if data_path else "--data_path",
     )
 
 

@@ -120,8 +120,8 @@ class RecordFile(Sequence):
     record stays in memory, so a rank holds 12 bytes per sample instead of the parsed list, and forked DataLoader
     workers do not copy pages by touching reference counts. Indexing gives exactly json.load(data_path)[i]."""
 
-    def __init__(self, path: str, offsets, words) -> None:
-        self.path, self.offsets, self.words = path, offsets, words
+    def __init__(self, path: str, offsets, words, flag: str = "--data_path") -> None:
+        self.path, self.offsets, self.words, self.flag = path, offsets, words, flag  # flag: what errors name
         # Held open from the start (forked DataLoader workers share it): a file replaced by a new one (a rename, a
         # script writing a new file) leaves this run reading the one it started with.
         self._fd, self._pid = os.open(path, os.O_RDONLY), os.getpid()
@@ -142,7 +142,7 @@ class RecordFile(Sequence):
         if self._pid != os.getpid():  # a spawned worker: its own fd, of the same file (pread is positionless)
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         if self._signature(self._fd) != self._version:  # written over in place (cp onto it): the offsets are stale
-            raise ValueError(f"--data_path {self.path}: the file changed while the run was reading it (written "
+            raise ValueError(f"{self.flag} {self.path}: the file changed while the run was reading it (written "
                              "over in place); put back the file the run started with")  # fmt: skip
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])  # the record, then a separator
         return _DECODER.raw_decode(os.pread(self._fd, end - start, start).decode())[0]
@@ -164,7 +164,7 @@ def _signed_words(record: Any) -> int:
     return WORDS_INVALID if n == 0 else n if "image" in record else -n
 
 
-def _scan_lines(data_path: str, text: str) -> tuple[list[int], list[int]]:
+def _scan_lines(data_path: str, text: str, flag: str) -> tuple[list[int], list[int]]:
     """_scan_records for JSON Lines (one record per line, blank lines skipped), as LLaVA-NeXT reads a .jsonl."""
     offsets, words, pos, end = [], [], 0, 0
     for number, line in enumerate(text.splitlines(keepends=True), 1):
@@ -173,34 +173,34 @@ def _scan_lines(data_path: str, text: str) -> tuple[list[int], list[int]]:
             try:
                 record, stop = _DECODER.raw_decode(line, start)
             except json.JSONDecodeError as e:
-                raise ValueError(f"--data_path {data_path}: line {number} is not JSON ({e.msg}, column "
+                raise ValueError(f"{flag} {data_path}: line {number} is not JSON ({e.msg}, column "
                                  f"{e.pos + 1})") from None  # fmt: skip
             if line[stop:].strip() or not isinstance(record, dict):
-                raise ValueError(f"--data_path {data_path}: line {number} is not one JSON object (JSON Lines: one "
+                raise ValueError(f"{flag} {data_path}: line {number} is not one JSON object (JSON Lines: one "
                                  "sample per line)")  # fmt: skip
             offsets.append(pos + start)
             words.append(_signed_words(record))
             end = pos + stop
         pos += len(line)
     if not offsets:
-        raise ValueError(f"--data_path {data_path}: the file holds no samples")
+        raise ValueError(f"{flag} {data_path}: the file holds no samples")
     return [*offsets, end], words
 
 
-def _scan_records(data_path: str, text: str) -> tuple[list[int], list[int]]:
+def _scan_records(data_path: str, text: str, flag: str) -> tuple[list[int], list[int]]:
     """The records of the JSON list in `text` (JSON Lines for a .jsonl file), parsed one at a time (the parsed list
     is never held): the character offset where each record's JSON text starts, then where the last one ends; and
     their signed word counts."""
     if data_path.endswith(".jsonl"):
-        return _scan_lines(data_path, text)
+        return _scan_lines(data_path, text, flag)
     space, offsets, words = re.compile(r"\s*"), [], []
     pos = space.match(text).end()
     if text[pos : pos + 1] != "[":
         got = type(json.loads(text)).__name__  # a JSONDecodeError if it is not JSON at all
-        raise ValueError(f"--data_path {data_path}: expected a JSON list of samples, got a {got}")
+        raise ValueError(f"{flag} {data_path}: expected a JSON list of samples, got a {got}")
     pos = space.match(text, pos + 1).end()
     if text[pos : pos + 1] == "]":
-        raise ValueError(f"--data_path {data_path}: the list holds no samples")
+        raise ValueError(f"{flag} {data_path}: the list holds no samples")
     while True:
         record, end = _DECODER.raw_decode(text, pos)
         offsets.append(pos)
@@ -228,54 +228,55 @@ def _byte_offsets(text: str, chars: list[int]) -> list[int]:
     return offsets
 
 
-def _index_file(data_path: str) -> tuple[Any, Any]:
-    """Read and scan the data file: (byte offsets, signed word counts) as numpy arrays; errors name --data_path."""
+def _index_file(data_path: str, flag: str) -> tuple[Any, Any]:
+    """Read and scan the data file: (byte offsets, signed word counts) as numpy arrays; errors name `flag`."""
     try:
         with open(data_path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
             text = f.read()
-        chars, words = _scan_records(data_path, text)
+        chars, words = _scan_records(data_path, text, flag)
     except UnicodeDecodeError as e:
-        raise ValueError(f"--data_path {data_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+        raise ValueError(f"{flag} {data_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                          f"{e.start}); save the file as UTF-8") from None  # fmt: skip
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from None
+        raise ValueError(f"{flag} {data_path}: cannot read JSON: {e}") from None
     return np.array(_byte_offsets(text, chars), dtype=np.int64), np.array(words, dtype=np.int32)
 
 
-def load_records(data_path: str) -> RecordFile:
+def load_records(data_path: str, flag: str = "--data_path") -> RecordFile:
     """The data file's records (a JSON list, as LLaVA's json.load at train.py L664; JSON Lines for a .jsonl, as
     LLaVA-NeXT's), from the records cache: built on first use by one process per machine (the others wait on a file
     lock), reused by every later run, rank, worker and check_data until the file changes (formats/records.py).
     The cache can never stop a run: a damaged entry is rebuilt, and where it cannot be written (a read-only home, a
-    quota) the index is built in memory, with a note naming the cache folder."""
+    quota) the index is built in memory, with a note naming the cache folder. Errors name `flag` (the file's flag:
+    --data_path, --eval_data_path)."""
     try:
         folder, size = records_cache_dir(data_path), os.path.getsize(data_path)
     except OSError as e:
-        raise ValueError(f"--data_path {data_path}: cannot read JSON: {e}") from None
+        raise ValueError(f"{flag} {data_path}: cannot read JSON: {e}") from None
     if (cached := read_records_cache(folder, size)) is not None:
-        return RecordFile(data_path, *cached)
+        return RecordFile(data_path, *cached, flag)
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         lock = open(folder + ".lock", "w")  # noqa: SIM115 (closed below)
     except OSError as e:
-        return RecordFile(data_path, *_uncached(folder, data_path, e))
+        return RecordFile(data_path, *_uncached(folder, data_path, flag, e), flag)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when a builder dies
         if (cached := read_records_cache(folder, size)) is None:
-            cached = _index_file(data_path)
+            cached = _index_file(data_path, flag)
             try:
                 write_records_cache(folder, *cached)
             except OSError as e:
-                _uncached(folder, data_path, e, cached)
-    return RecordFile(data_path, *cached)
+                _uncached(folder, data_path, flag, e, cached)
+    return RecordFile(data_path, *cached, flag)
 
 
-def _uncached(folder: str, data_path: str, error: OSError, index=None):
+def _uncached(folder: str, data_path: str, flag: str, error: OSError, index=None):
     """The data file's index built in memory (or `index`, already built) when the cache folder cannot be written."""
     print(f"note: records cache {os.path.dirname(os.path.dirname(folder))} is not writable ({error.strerror}): "
           f"indexing {data_path} in memory for this run (set MINILLAVA_CACHE to a writable folder to keep it)",
           flush=True)  # fmt: skip
-    return index if index is not None else _index_file(data_path)
+    return index if index is not None else _index_file(data_path, flag)
 
 
 def word_count(record: Any) -> int:
@@ -337,13 +338,14 @@ class LazySupervisedDataset(Dataset):
         model_max_length: int = 2048,
         is_multimodal: bool = True,
         image_tokens: int = 1,
+        data_flag: str = "--data_path",  # the flag file errors name (--eval_data_path for the validation set)
     ) -> None:
         get_template(version)  # an unknown --version fails here, not in a DataLoader worker
         if image_aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(f"--image_aspect_ratio {image_aspect_ratio!r}: supported values are {ASPECT_RATIOS}")
         if is_multimodal and image_processor is None:
             raise ValueError("a multimodal dataset needs an image processor (--vision_tower)")
-        self.records = load_records(data_path)
+        self.records = load_records(data_path, data_flag)
         self.data_path, self.tokenizer, self.image_processor = data_path, tokenizer, image_processor
         self.image_folder, self.version, self.image_aspect_ratio = image_folder, version, image_aspect_ratio
         self.model_max_length, self.is_multimodal = model_max_length, is_multimodal

@@ -96,3 +96,14 @@ def test_eval_flags_are_checked(extra, message):
     with pytest.raises(ValueError, match=message):
         parse_args(argv)
     parse_args([*argv[:12], "--evaluation_strategy", "no", "--per_device_eval_batch_size", "4"])  # LLaVA's scripts
+
+
+def test_a_bad_validation_file_is_named_by_its_own_flag(assets, tmp_path):
+    """Errors about the validation file name --eval_data_path (they said --data_path, the training file's flag), and
+    the start-up stops before a model is built."""
+    bad = tmp_path / "held_out.json"
+    bad.write_text('{"id": "not a list"}')
+    argv = flags(assets, str(tmp_path / "o"), eval_data_path=str(bad), evaluation_strategy="epoch")
+    with pytest.raises(ValueError, match=f"^--eval_data_path {bad}: expected a JSON list of samples, got a dict$"):
+        train.main(argv)
+    assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
