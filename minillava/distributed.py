@@ -177,6 +177,21 @@ def compile_blocks(layers: list[nn.Module], backend: str = "inductor") -> None:
         layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
 
 
+def parallelize(model: nn.Module, t, device: torch.device, *, checkpoint_layers: int | None,
+                local_world_size: int) -> None:  # fmt: skip
+    """The run's layout on its meta model, from the train flags `t`: each decoder layer compiled (--torch_compile),
+    the first checkpoint_layers checkpointed (None: all), then FSDP2 (HSDP across nodes of local_world_size ranks
+    with --hsdp); reduce-scatters sum instead of average under --loss_reduction global_token."""
+    layers = model.decoder_layers()
+    if t.torch_compile:  # each block's forward; AC then checkpoints the compiled forward, FSDP2's hooks stay outside
+        compile_blocks(layers, t.torch_compile_backend)
+    mesh = device_mesh(device, t.hsdp, local_world_size)
+    if checkpoint_layers != 0:
+        apply_activation_checkpointing(layers[:checkpoint_layers])
+    apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward,
+               sum_gradients=t.loss_reduction == "global_token", mesh=mesh)  # fmt: skip
+
+
 def apply_fsdp(
     model: nn.Module, *, bf16: bool, reshard_after_forward: bool, sum_gradients: bool, mesh: DeviceMesh | None = None
 ) -> None:

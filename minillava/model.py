@@ -19,7 +19,7 @@ from minillava.attention import VARLEN_ATTENTION, register_padded_sdpa, register
 from minillava.backbones import build_llm, build_tower, tower_family
 from minillava.constants import IGNORE_INDEX
 from minillava.layout import Batch, lay_out
-from minillava.lora import LoRALinear, is_lora_param
+from minillava.lora import LoRALinear, add_lora, is_lora_param
 from minillava.loss import chunked_cross_entropy
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -331,9 +331,13 @@ def build_llava_from_config(
     attn_implementation: str = "sdpa",
     padding_free: bool = False,
     loss_chunk_size: int = 2048,
+    lora: tuple[int, float, float] | None = None,
 ) -> LlavaModel:
-    """LlavaModel from configs with random weights; cheap under `with torch.device("meta"):` (load weights later)."""
+    """LlavaModel from configs with random weights; cheap under `with torch.device("meta"):` (load weights later).
+    lora (r, alpha, dropout): adapters on every Linear of the LLM body (LLaVA's find_all_linear_names)."""
     llm_attn, tower_attn = _attn_kw(attn_implementation, padding_free)
     llm = build_llm(llm_config, attn_implementation=llm_attn, dtype=dtype)  # the config's own class (backbones.py)
     tower = build_tower(vision_config, attn_implementation=tower_attn, dtype=dtype)
+    if lora is not None:
+        add_lora(llm.model, *lora)
     return LlavaModel(llm, tower, settings, loss_chunk_size=loss_chunk_size)

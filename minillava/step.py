@@ -2,14 +2,15 @@
 step (train_step). train.py composes them with the data and the loop; `python -m minillava.plan` traces the same two
 on fake tensors to say whether a run will fit."""
 
+import os
+
 import torch
 
 from minillava import distributed as D
 from minillava.config import Config
 from minillava.formats.llava import run_settings
-from minillava.formats.run import initial_state, run_configs
+from minillava.formats.run import initial_state
 from minillava.layout import Batch
-from minillava.lora import add_lora, initial_lora_state
 from minillava.memory import CheckpointPlan, device_memory, plan_checkpointing
 from minillava.metrics import FlopModel, StepRecord
 from minillava.model import LlavaModel, build_llava_from_config, parameter_report, set_trainable
@@ -68,23 +69,13 @@ def evaluate(model, batches, device: torch.device) -> tuple[float, int]:
 def meta_model(cfg: Config, llm_config, vision_config) -> LlavaModel:
     """The run's LlavaModel on the meta device (no memory yet), frozen as the stage requires."""
     m, t = cfg.model, cfg.train
+    settings = run_settings(cfg)
     with torch.device("meta"):
-        model = build_llava_from_config(
-            llm_config,
-            vision_config,
-            run_settings(cfg),
-            attn_implementation=t.attn_implementation,
-            padding_free=t.padding_free,
-        )
-        if t.lora_enable:  # adapters on every Linear of the LLM body (find_all_linear_names)
-            add_lora(model.llm.model, t.lora_r, t.lora_alpha, t.lora_dropout)
-    set_trainable(
-        model,
-        tune_mm_mlp_adapter=m.tune_mm_mlp_adapter,
-        freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
-        freeze_backbone=m.freeze_backbone,
-        lora=t.lora_enable,
-    )
+        lora = (t.lora_r, t.lora_alpha, t.lora_dropout) if t.lora_enable else None  # find_all_linear_names
+        model = build_llava_from_config(llm_config, vision_config, settings, attn_implementation=t.attn_implementation,
+                                        padding_free=t.padding_free, lora=lora)  # fmt: skip
+    set_trainable(model, tune_mm_mlp_adapter=m.tune_mm_mlp_adapter, freeze_mm_mlp_adapter=t.freeze_mm_mlp_adapter,
+                  freeze_backbone=m.freeze_backbone, lora=t.lora_enable)  # fmt: skip
     return model
 
 
@@ -124,32 +115,28 @@ def sharded_model(
     the ranks of a node for --hsdp (default torchrun's LOCAL_WORLD_SIZE)."""
     t = cfg.train
     model = meta_model(cfg, *configs)
-    D.print0(parameter_report(model))
+    if info.is_main:
+        print(parameter_report(model), flush=True)
     flops = FlopModel.from_model(model)
     if t.bf16:  # frozen weights need no fp32 master copy: store them in bf16 (LLaVA moves the tower to bf16 too)
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-    if t.torch_compile:  # each block's forward; AC then checkpoints the compiled forward, FSDP2's hooks stay outside
-        D.compile_blocks(model.decoder_layers(), t.torch_compile_backend)
-    mesh = D.device_mesh(info.device, t.hsdp, local_world_size)
-    shard = info.world_size if mesh is None else mesh.size(1)
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))  # the ranks of a node
     device_bytes = device_memory(info.device) if device_bytes is None else device_bytes
-    plan = plan_checkpointing(model, t, shard, device_bytes, lengths)
-    D.print0(plan.describe())
-    if t.gradient_checkpointing:  # True: every layer (or bench's first checkpoint_layers); auto: the plan's
-        k = plan.layers if t.gradient_checkpointing == "auto" else checkpoint_layers
-        D.apply_activation_checkpointing(model.decoder_layers()[:k])
-    global_token = t.loss_reduction == "global_token"
-    D.apply_fsdp(model, bf16=t.bf16, reshard_after_forward=t.reshard_after_forward, sum_gradients=global_token,
-                 mesh=mesh)  # fmt: skip
+    plan = plan_checkpointing(model, t, local if t.hsdp else info.world_size, device_bytes, lengths)  # shard group
+    if info.is_main:
+        print(plan.describe(), flush=True)
+    layers = plan.layers if t.gradient_checkpointing == "auto" else checkpoint_layers  # True: all (or bench's first K)
+    D.parallelize(model, t, info.device, checkpoint_layers=layers if t.gradient_checkpointing else 0,
+                  local_world_size=local)  # fmt: skip
     return model, flops, plan
 
 
 def build_model(
     cfg: Config,
     info: D.DistInfo,
-    configs: tuple | None = None,
+    configs: tuple,
     *,
     lengths: list[int] | None = None,
     random_weights_seed: int | None = None,
@@ -157,15 +144,13 @@ def build_model(
 ) -> tuple[LlavaModel, FlopModel]:
     """sharded_model -> weights streamed from rank 0 (every rank keeps its shards).
 
-    configs: (llm_config, vision_config), default the flags' folders (formats.run.run_configs). random_weights_seed:
-    read no weights, materialise seeded random ones (bench/bench.py)."""
-    llm_config, vision_config = configs = configs or run_configs(cfg)
+    configs: (llm_config, vision_config), the flags' (formats/run.py run_configs). random_weights_seed: read no
+    weights, materialise seeded random ones (bench/bench.py)."""
+    llm_config, vision_config = configs
     model, flops, _ = sharded_model(cfg, info, configs, lengths=lengths, checkpoint_layers=checkpoint_layers)
     if random_weights_seed is not None:
         init_random_weights(model, info.device, random_weights_seed)
         return model, flops
-    state = initial_state(cfg, llm_config, vision_config) if info.is_main else None
-    if state is not None and cfg.train.lora_enable:  # fresh adapters (B = 0: the run starts at the base model)
-        state |= initial_lora_state(model, cfg.train.seed)
+    state = initial_state(cfg, llm_config, vision_config, model) if info.is_main else None
     D.materialize_and_load(model, state, info.device)  # only rank 0 read the files; the others get their shards
     return model, flops

@@ -279,8 +279,9 @@ def trainer_parts(cfg, info, total_steps: int):
     stream yielding (epoch, Batch) micro-batches on info.device in LLaVA's sampler order."""
     import train
     from minillava.data import load_image_processor, load_tokenizer
+    from minillava.formats import run_configs
 
-    model, _ = train.build_model(cfg, info)
+    model, _ = train.build_model(cfg, info, run_configs(cfg))
     tok = load_tokenizer(cfg.model.model_name_or_path, cfg.train.model_max_length)
     processor = load_image_processor(cfg.model.vision_tower)
     loader, sampler = train.build_loader(cfg, tok, processor, info, model.num_image_tokens)

@@ -69,7 +69,7 @@ def test_tied_family_loads_and_trains_under_fsdp(assets, tmp_path, family):
     cfg = parse_args(flags(assets, str(tmp_path / "out"), model_name_or_path=folder))
     info = D.init_distributed()
     try:
-        model, _ = build_model(cfg, info)
+        model, _ = build_model(cfg, info, run_configs(cfg))
         loaded = dict(full_tensors(model))
         assert torch.equal(loaded["llm.model.embed_tokens.weight"], disk["model.embed_tokens.weight"])
         assert torch.equal(loaded["llm.lm_head.weight"], disk["model.embed_tokens.weight"])

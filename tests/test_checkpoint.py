@@ -23,7 +23,7 @@ from minillava.atomic import MARKER, complete_checkpoints
 from minillava.checkpoint import CRASH_HOOK, Checkpointer
 from minillava.config import parse_args
 from minillava.data import DataCollator, LazySupervisedDataset, load_image_processor, load_tokenizer
-from minillava.formats import load_mm_projector, read_settings, to_llava_key
+from minillava.formats import load_mm_projector, read_settings, run_configs, to_llava_key
 from minillava.gather import full_tensors
 from minillava.model import build_llava_from_config
 from minillava.optim import build_optimizer
@@ -340,7 +340,7 @@ def test_mm_projector_bin_loads_fresh_and_as_pretrain_adapter(data, stage1_ref, 
     cfg = parse_args(flags(data, str(tmp_path / "o"), pretrain_mm_mlp_adapter=path))
     info = D.init_distributed()
     try:
-        model, _ = train.build_model(cfg, info)  # the --pretrain_mm_mlp_adapter path, sharded
+        model, _ = train.build_model(cfg, info, run_configs(cfg))  # the --pretrain_mm_mlp_adapter path, sharded
         full = {k: v.full_tensor() for k, v in model.mm_projector.state_dict().items()}
     finally:
         D.cleanup(info)
@@ -388,7 +388,7 @@ def _step(model, optimizer, scheduler, batch, drop=None):
 
 def _build(cfg, info):
     """The model, optimizer, scheduler and Checkpointer of a 3-step run on 16 samples, as train.main makes them."""
-    model, _ = train.build_model(cfg, info)
+    model, _ = train.build_model(cfg, info, run_configs(cfg))
     optimizer, scheduler = build_optimizer(model, cfg.train, 3)
     sampler = DistributedModalityLengthSampler([1] * 16, 2, 1, 0)
     return model, optimizer, scheduler, Checkpointer(cfg, model, optimizer, scheduler, sampler, 16, None)

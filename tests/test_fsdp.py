@@ -14,7 +14,7 @@ from dist import run_distributed
 import train
 from minillava import distributed as D
 from minillava.config import parse_args
-from minillava.formats import pretrained_state_dict
+from minillava.formats import pretrained_state_dict, run_configs
 from minillava.gather import full_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _build(argv):
     cfg = parse_args(argv)
     info = D.init_distributed()
-    model, _ = train.build_model(cfg, info)
+    model, _ = train.build_model(cfg, info, run_configs(cfg))
     return cfg, info, model
 
 

@@ -18,6 +18,7 @@ from minillava.formats.folders import checkpoint_kind, folder_config, folder_tow
 from minillava.formats.hub import download, is_repo_id, local_folder
 from minillava.formats.llava import llava_checkpoint_configs, load_llava_checkpoint_state, read_settings, run_settings
 from minillava.formats.projector import projector_holder, projector_state, read_mm_projector
+from minillava.lora import initial_lora_state
 from minillava.model import LlavaSettings, image_tokens
 
 
@@ -141,9 +142,17 @@ def run_configs(cfg) -> tuple[LlamaConfig, CLIPVisionConfig]:
     return llava_checkpoint_configs(llm, m.vision_tower)
 
 
-def initial_state(cfg, llm_config, vision_config) -> dict[str, Tensor]:
+def initial_state(cfg, llm_config, vision_config, model=None) -> dict[str, Tensor]:
     """Rank 0 only: the full starting weights (LLM + tower from their folders, or a whole LLaVA checkpoint) plus
-    the projector: the checkpoint's, seeded-random, or from --pretrain_mm_mlp_adapter."""
+    the projector: the checkpoint's, seeded-random, or from --pretrain_mm_mlp_adapter; with --lora_enable, fresh
+    adapters for `model`'s (B = 0: the run starts at the base model)."""
+    state = _base_state(cfg, llm_config, vision_config)
+    if cfg.train.lora_enable and model is not None:
+        state |= initial_lora_state(model, cfg.train.seed)
+    return state
+
+
+def _base_state(cfg, llm_config, vision_config) -> dict[str, Tensor]:
     m = cfg.model
     llm = local_folder(m.model_name_or_path, "--model_name_or_path")
     from_llava = checkpoint_kind(llm) is not None
