@@ -155,15 +155,14 @@ def apply_activation_checkpointing(layers: list[nn.Module]) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def device_mesh(device: torch.device, hsdp: bool, local_world_size: int | None = None) -> DeviceMesh | None:
+def device_mesh(device: torch.device, hsdp: bool, local_world_size: int) -> DeviceMesh | None:
     """None (FSDP2's default: one flat mesh over every rank), or for HSDP a 2-D (replicate, shard) mesh: parameters
-    sharded over the ranks of a node (torchrun's LOCAL_WORLD_SIZE), replicated across nodes. Gradients are then
-    reduce-scattered inside a node and all-reduced across nodes, so the slow inter-node link carries one shard.
-    local_world_size: the ranks of a node (default torchrun's LOCAL_WORLD_SIZE; the planner passes its own)."""
+    sharded over the local_world_size ranks of a node (torchrun's LOCAL_WORLD_SIZE; the planner passes its own),
+    replicated across nodes. Gradients are then reduce-scattered inside a node and all-reduced across nodes, so the
+    slow inter-node link carries one shard."""
     if not hsdp:
         return None
-    world = dist.get_world_size()
-    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    world, local = dist.get_world_size(), local_world_size
     if world % local:
         raise ValueError(f"--hsdp: {world} ranks do not split into nodes of LOCAL_WORLD_SIZE={local}")
     return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
