@@ -300,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # LLaVA ran with --tf32 True
         if info.is_main:
             print(format_config(cfg), flush=True)
-        tokenizer = load_tokenizer(models.llm, t.model_max_length)  # model flags keep the names given (a hub id is
-        image_processor = load_image_processor(models.tower)  # recorded as such); files come from local folders
+        # The model flags keep the names given (a hub id is recorded as such); files come from the local folders.
+        tokenizer = load_tokenizer(models.llm, t.model_max_length)
+        image_processor = load_image_processor(models.tower)
         dataset = build_dataset(cfg, tokenizer, image_processor, models.image_tokens)
         held_out = cfg.data.eval_data_path and build_dataset(cfg, tokenizer, image_processor, models.image_tokens,
                                                              cfg.data.eval_data_path)  # fmt: skip
