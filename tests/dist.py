@@ -2,9 +2,9 @@
 
 The processes are forked from a forkserver that imported torch, transformers and the trainer once for the whole
 session (multiprocessing's forkserver with preloaded modules): each call gets new processes with a clean state, as
-spawn gives, without paying those imports again (about 3 s a process on 2 cores). fresh=True spawns a new interpreter
-instead, for the rare test that needs modules imported under its own environment. Workers get the caller's
-environment as it is at the call.
+spawn gives, without paying those imports again (about 3 s a process on 2 cores). Workers get the caller's
+environment as it is at the call (what modules read at import is the server's: a test that needs a fresh
+interpreter launches one itself).
 
 Workers return results by writing files under tmp_path (torch.save); passing tensors back through an mp Queue fails
 once the producing process exits (ConnectionRefusedError)."""
@@ -58,19 +58,11 @@ def run_distributed(
     world_size: int = 2,
     local_world_size: int | None = None,
     timeout_s: float | None = None,
-    fresh: bool = False,
 ) -> None:
     """Call fn(rank, world_size, *args) on `world_size` gloo ranks (as nodes of local_world_size ranks, default all
-    on one); raises if any rank fails. timeout_s: a collective waiting longer fails (a hang becomes an error).
-    fresh: new interpreters (spawn) instead of forkserver children."""
+    on one); raises if any rank fails. timeout_s: a collective waiting longer fails (a hang becomes an error)."""
     init_file = os.path.join(str(tmp_path), f"dist_init_{os.getpid()}_{id(fn)}")
     local = local_world_size or world_size
-    if not fresh:
-        multiprocessing.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call)
-    mp.start_processes(
-        _worker,
-        args=(world_size, init_file, fn, args, local, timeout_s, dict(os.environ)),
-        nprocs=world_size,
-        join=True,
-        start_method="spawn" if fresh else "forkserver",
-    )
+    multiprocessing.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call)
+    mp.start_processes(_worker, args=(world_size, init_file, fn, args, local, timeout_s, dict(os.environ)),
+                       nprocs=world_size, join=True, start_method="forkserver")  # fmt: skip
