@@ -33,6 +33,7 @@ def _worker(
     timeout_s: float | None,
     env: dict[str, str],
 ) -> None:
+    gc.freeze()  # what the forkserver imported: never scanned again by this rank's collections (conftest.py)
     os.environ.clear()
     os.environ.update(env)  # the caller's, at the call (a forkserver child starts with the server's)
     os.environ.update(
